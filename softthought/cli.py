@@ -1,0 +1,105 @@
+"""`softthought` console script: chat, aux-init, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .backbone import DTYPES
+
+
+def _quiet() -> None:
+    """Keep stdout for the reply alone: library chatter goes nowhere, progress bars off."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .aux_model import CheckpointError
+    from .generation import SamplingParams
+    from .pipeline import Pipeline, default_aux_dir
+
+    aux = args.aux
+    if args.summary and aux is None:
+        aux = default_aux_dir()
+        if aux is None:
+            print("error: --summary needs an auxiliary checkpoint: pass --aux DIR "
+                  "(`softthought aux-init --out DIR` makes an untrained one)", file=sys.stderr)
+            return 2
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()
+        )
+        pipe = Pipeline.load(args.backbone, aux if args.summary else None, dtype=args.dtype)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    messages = [{"role": "user", "content": args.prompt}]
+    for out in pipe.stream(messages, args.summary, params):
+        sys.stdout.write(out.delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_aux_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from .aux_model import EMBEDDED_ENCODER, SoftThoughtAux
+    from .backbone import load_backbone
+
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(args.backbone, dtype="float32")
+    aux = SoftThoughtAux.for_backbone(
+        backbone, encoder=args.encoder or EMBEDDED_ENCODER, num_thoughts=args.num_thoughts, encoder_training=args.encoder_training
+    )
+    out = aux.save_pretrained(args.out)
+    print(f"wrote an untrained auxiliary checkpoint to {out} (version {aux.version}, "
+          f"K={args.num_thoughts}, backbone {backbone.fingerprint})", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softthought", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="answer one prompt, printing only the reply")
+    chat.add_argument("prompt")
+    chat.add_argument("--summary", help="the user's preference summary (turned into soft thoughts)")
+    chat.add_argument("--aux", help="auxiliary checkpoint directory (default: the shipped one)")
+    chat.add_argument("--backbone", help="HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    chat.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat.set_defaults(func=cmd_chat)
+
+    init = sub.add_parser("aux-init", help="write a freshly initialized auxiliary checkpoint")
+    init.add_argument("--out", required=True)
+    init.add_argument("--backbone")
+    init.add_argument("--encoder", help="HF encoder directory or hub id (default: embedded all-MiniLM-L6-v2)")
+    init.add_argument("--num-thoughts", type=int, default=8)
+    init.add_argument("--encoder-training", default="frozen", choices=["frozen", "lora", "full"])
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_aux_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    _quiet()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Decoding with continuous batching over a frozen backbone.
+
+`Engine` keeps one running batch with a shared KV cache. Each `step()` either prefills newly arrived
+requests (their caches are left-padded and concatenated onto the running batch) or decodes one token
+for every running request. Finished requests leave the batch at once, so a new request never waits for
+a whole batch to drain, and requests from any mix of users share one forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .backbone import Backbone
+from .splice import Prompt, embed_prompt, left_pad
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        self.stop = tuple(s for s in self.stop if s)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int  # soft thoughts counted, one position each
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request: new text, and the result once finished."""
+
+    request_id: str
+    delta: str
+    result: GenerationResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    position: int = 0  # position id of the next input token
+    finish_reason: str | None = None
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            token_ids=list(self.generated),
+            prompt_tokens=self.prompt.num_tokens,
+            completion_tokens=len(self.generated),
+            finish_reason=self.finish_reason or "length",
+        )
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` that may be the start of a stop string (or a partial UTF-8 char)."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+class Engine:
+    """Continuous-batching generator. `add` may be called from any thread; `step` from one thread only."""
+
+    def __init__(self, backbone: Backbone, max_batch_size: int = 16) -> None:
+        self.backbone = backbone
+        self.max_batch_size = max_batch_size
+        self._embedding = backbone.model.get_input_embeddings()
+        self._waiting: deque[_Sequence] = deque()
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.running: list[_Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, L] attention mask of the running batch's cache
+
+    # ------------------------------------------------------------------ public API
+    def add(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        if prompt.num_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if prompt.num_tokens + params.max_tokens > self.backbone.max_context:
+            raise ValueError(
+                f"prompt ({prompt.num_tokens} positions) + max_tokens ({params.max_tokens}) exceeds the "
+                f"backbone's context of {self.backbone.max_context}"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.backbone.device)
+            generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        seq = _Sequence(request_id, prompt, params, generator, position=prompt.num_tokens)
+        with self._lock:
+            self._waiting.append(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (client went away); takes effect at the next step."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        self._drop_aborted()
+        with self._lock:
+            room = self.max_batch_size - len(self.running)
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        if admitted:
+            outputs = self._prefill(admitted)  # new requests first: time to first token stays short
+        elif self.running:
+            outputs = self._decode()
+        else:
+            return []
+        self._evict_finished()
+        return outputs
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]) -> list[GenerationResult]:
+        """Run prompts to completion as one batch (the engine must not be shared with another thread meanwhile)."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.result
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[StepOutput]:
+        """Yield one request's outputs as they are produced (single-threaded use)."""
+        rid = self.add(prompt, params)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, **inputs) -> torch.Tensor:
+        out = self.backbone.model(past_key_values=self._cache, use_cache=True, logits_to_keep=1, **inputs)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, seqs: list[_Sequence]) -> list[StepOutput]:
+        embeds, mask, positions = left_pad([embed_prompt(self._embedding, s.prompt) for s in seqs])
+        running_cache, running_mask = self._cache, self._mask
+        self._cache = DynamicCache(config=self.backbone.model.config)
+        logits = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        new_cache = self._cache
+        if running_cache is not None and self.running:
+            self._cache, self._mask = _merge(running_cache, running_mask, new_cache, mask)
+        else:
+            self._cache, self._mask = new_cache, mask
+        self.running.extend(seqs)
+        return [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs))]
+
+    def _decode(self) -> list[StepOutput]:
+        seqs = self.running
+        dev = self.backbone.device
+        ids = torch.tensor([[s.generated[-1]] for s in seqs], device=dev)
+        positions = torch.tensor([[s.position - 1] for s in seqs], device=dev)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
+        logits = self._forward(input_ids=ids, attention_mask=self._mask, position_ids=positions)
+        return [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs))]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.temperature == 0:
+                continue
+            probs = F.softmax(logits[i] / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+                outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+                sorted_probs[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+        return tokens
+
+    def _advance(self, s: _Sequence, token: int) -> StepOutput:
+        s.generated.append(token)
+        s.position += 1
+        if token in self.backbone.eos_token_ids:
+            s.finish_reason = "stop"
+        else:
+            s.text = self.backbone.tokenizer.decode(s.generated, skip_special_tokens=True)
+            cut = min((i for i in (s.text.find(stop) for stop in s.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                s.text, s.finish_reason = s.text[:cut], "stop"
+            elif len(s.generated) >= s.params.max_tokens or s.position >= self.backbone.max_context:
+                s.finish_reason = "length"
+        end = len(s.text) if s.finish_reason else len(s.text) - _held_back(s.text, s.params.stop)
+        delta, s.emitted = s.text[s.emitted : end], max(s.emitted, end)
+        return StepOutput(s.request_id, delta, s.result() if s.finish_reason else None)
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            if not self._aborted:
+                return
+            self._waiting = deque(s for s in self._waiting if s.request_id not in self._aborted)
+            for s in self.running:
+                if s.request_id in self._aborted:
+                    s.finish_reason = "abort"
+            self._aborted.clear()
+        self._evict_finished()
+
+    def _evict_finished(self) -> None:
+        keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        # Drop columns that are padding for every remaining row (left by a longer, finished prompt).
+        first = int(self._mask.any(dim=0).nonzero()[0])
+        if first:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+
+def _pad_seq(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _merge(
+    cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Stack two batches' KV caches along the batch axis, left-padding the shorter in sequence length."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+    for la, lb in zip(cache_a.layers, cache_b.layers):
+        la.keys = torch.cat([_pad_seq(la.keys, length, 2), _pad_seq(lb.keys, length, 2)], dim=0)
+        la.values = torch.cat([_pad_seq(la.values, length, 2), _pad_seq(lb.values, length, 2)], dim=0)
+    return cache_a, torch.cat([_pad_seq(mask_a, length, 1), _pad_seq(mask_b, length, 1)], dim=0)

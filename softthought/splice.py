@@ -1,0 +1,145 @@
+"""Splicing soft thoughts into a prompt, tokenizer-agnostically.
+
+The chat template is rendered with a marker string where the thoughts go; the rendered text is split at
+the marker and each piece tokenized on its own, so no position is ever computed by hand and no token is
+added to the backbone's vocabulary. The marker itself never reaches the tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+#: Placeholder rendered into the template where the thoughts go. Not a token of any vocabulary.
+THOUGHT_MARKER = "\u2063<softthought-thoughts>\u2063"
+
+Segment = Union[list[int], torch.Tensor]  # token ids, or soft thoughts [K, hidden]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built (bad roles, marker in user text, template failure)."""
+
+
+@dataclass
+class Prompt:
+    """A prompt as an ordered list of token-id pieces and soft-thought blocks."""
+
+    segments: list[Segment]
+
+    @property
+    def num_tokens(self) -> int:
+        """Input positions, soft thoughts counted (one position each)."""
+        return sum(len(s) if isinstance(s, list) else s.shape[0] for s in self.segments)
+
+    @property
+    def num_thoughts(self) -> int:
+        return sum(s.shape[0] for s in self.segments if isinstance(s, torch.Tensor))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for s in self.segments if isinstance(s, list) for t in s]
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    for m in messages:
+        if THOUGHT_MARKER in str(m.get("content", "")):
+            raise PromptError("message content contains the reserved soft-thought marker")
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja raises TemplateError for roles/orders a template rejects
+        raise PromptError(f"the chat template rejected the messages: {exc}") from exc
+
+
+def messages_with_marker(messages: Sequence[dict]) -> list[dict]:
+    """The conversation with the marker opening the system turn (one is added if there is none)."""
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = THOUGHT_MARKER + "\n" + str(out[0]["content"])
+    else:
+        out.insert(0, {"role": "system", "content": THOUGHT_MARKER})
+    return out
+
+
+def render_chat_with_marker(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Rendered chat text containing the marker exactly once.
+
+    The marker goes into the system turn; templates that refuse a system role get it at the start of
+    the first user turn instead.
+    """
+    try:
+        text = _render(tokenizer, messages_with_marker(messages), add_generation_prompt)
+    except PromptError:
+        out = [dict(m) for m in messages]
+        first_user = next((i for i, m in enumerate(out) if m.get("role") == "user"), None)
+        if first_user is None:
+            raise
+        out[first_user]["content"] = THOUGHT_MARKER + "\n" + str(out[first_user]["content"])
+        text = _render(tokenizer, out, add_generation_prompt)
+    if text.count(THOUGHT_MARKER) != 1:
+        raise PromptError("the chat template dropped or repeated the soft-thought marker")
+    return text
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    # The rendered template already carries its special tokens (BOS etc.): add none.
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def build_chat_prompt(
+    tokenizer, messages: Sequence[dict], thoughts: torch.Tensor | None = None, add_generation_prompt: bool = True
+) -> Prompt:
+    """Tokenized chat prompt; with `thoughts` [K, hidden] they sit where the marker was rendered."""
+    _check_messages(messages)
+    if thoughts is None:
+        return Prompt([_tokenize(tokenizer, _render(tokenizer, list(messages), add_generation_prompt))])
+    before, after = render_chat_with_marker(tokenizer, messages, add_generation_prompt).split(THOUGHT_MARKER)
+    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)])
+
+
+def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None) -> Prompt:
+    """Raw completion prompt (no chat template); thoughts, if any, come first, after a BOS if the model uses one."""
+    if THOUGHT_MARKER in text:
+        raise PromptError("prompt contains the reserved soft-thought marker")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if thoughts is None:
+        return Prompt([ids])
+    bos = tokenizer.bos_token_id
+    if ids and bos is not None and ids[0] == bos:
+        return Prompt([[bos], thoughts, ids[1:]])
+    return Prompt([thoughts, ids])
+
+
+def embed_prompt(embedding: torch.nn.Module, prompt: Prompt) -> torch.Tensor:
+    """Input embeddings [L, hidden]: text pieces through the backbone's own table, thoughts as they are."""
+    weight = embedding.weight
+    parts = []
+    for seg in prompt.segments:
+        if isinstance(seg, torch.Tensor):
+            parts.append(seg.to(device=weight.device, dtype=weight.dtype))
+        elif seg:
+            parts.append(embedding(torch.tensor(seg, dtype=torch.long, device=weight.device)))
+    return torch.cat(parts, dim=0)
+
+
+def left_pad(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch prompts of different lengths: (inputs_embeds [B, L, d], attention_mask [B, L], position_ids [B, L]).
+
+    Left padding keeps every prompt's last position at the end, where the next token is read.
+    Padded positions are zero vectors that the mask hides; real positions are numbered from 0.
+    """
+    length = max(e.shape[0] for e in embeds)
+    d = embeds[0].shape[1]
+    batch = embeds[0].new_zeros(len(embeds), length, d)
+    mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        batch[i, length - e.shape[0] :] = e
+        mask[i, length - e.shape[0] :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch, mask, positions
