@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softthought.aux_model import CheckpointError, SoftThoughtAux
+from softthought.backbone import weights_fingerprint
+from softthought.splice import build_chat_prompt, embed_prompt
+
+SUMMARIES = ["I prefer answers in French.", "Keep it short; I like bullet lists and lowercase text."]
+
+
+def test_thoughts_shape_and_norm(smollm, smollm_aux):
+    with torch.no_grad():
+        th = smollm_aux.encode(SUMMARIES)
+    assert th.shape == (2, 8, smollm.hidden_size)
+    assert torch.allclose(th.norm(dim=-1), torch.full((2, 8), smollm.embed_norm), rtol=1e-4)
+    assert not torch.allclose(th[0], th[1])  # depends on the summary
+
+
+def test_save_load_round_trip_is_exact(smollm, smollm_aux, aux_dir):
+    loaded = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(SUMMARIES), smollm_aux.encode(SUMMARIES))
+    assert loaded.version == smollm_aux.version != "unsaved"
+    config = json.loads((aux_dir / "config.json").read_text())
+    assert config["num_thoughts"] == 8
+    assert config["backbone_fingerprint"] == smollm.fingerprint
+    assert config["backbone_hidden"] == 576 and config["encoder_hidden"] == 384
+
+
+def test_checkpoint_stores_only_what_is_trained(aux_dir, smollm_aux):
+    from safetensors import safe_open
+
+    with safe_open(aux_dir / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any(k.startswith("encoder.") for k in keys)  # frozen encoder comes from its package
+    assert (aux_dir / "model.safetensors").stat().st_size < 10e6
+
+
+def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux_dir, smollm, tiny):
+    with pytest.raises(CheckpointError) as err:
+        SoftThoughtAux.from_pretrained(aux_dir, backbone=tiny)
+    assert smollm.fingerprint in str(err.value) and tiny.fingerprint in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00garbage" * 10), "safetensors"),
+        (lambda d: (d / "model.safetensors").unlink(), "missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "config.json").unlink(), "missing"),
+        (lambda d: _edit_config(d, num_thoughts=4), "wrong shape"),
+        (lambda d: _edit_config(d, encoder_training="lora"), "does not match"),
+        (lambda d: _edit_config(d, format_version=99), "format_version"),
+        (lambda d: _edit_config(d, surprise=1), "unknown fields"),
+    ],
+)
+def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(aux_dir, broken)
+    damage(broken)
+    with pytest.raises(CheckpointError, match=message):
+        SoftThoughtAux.from_pretrained(broken, backbone=smollm)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _distillation_loss(backbone, aux, summary, target_text):
+    """Teacher-forced cross-entropy of a target reply given the spliced prompt (one training example)."""
+    tok, table = backbone.tokenizer, backbone.model.get_input_embeddings()
+    thoughts = aux.encode([summary])[0]
+    prompt = build_chat_prompt(tok, [{"role": "user", "content": "Say hello."}], thoughts)
+    target = tok(target_text, add_special_tokens=False)["input_ids"]
+    embeds = torch.cat([embed_prompt(table, prompt), table(torch.tensor(target))])[None]
+    logits = backbone.model(inputs_embeds=embeds).logits[0, prompt.num_tokens - 1 : -1]
+    return F.cross_entropy(logits, torch.tensor(target))
+
+
+def test_training_step_moves_only_the_auxiliary_model(smollm):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(smollm, num_thoughts=4)
+    before_fp = weights_fingerprint(smollm.model)
+    opt = torch.optim.AdamW(list(aux.trainable_parameters()), lr=1e-3)
+    backbone_ids = {id(p) for p in smollm.model.parameters()}
+    assert not any(id(p) in backbone_ids for g in opt.param_groups for p in g["params"])
+    before_aux = {k: v.clone() for k, v in aux.persistent_state_dict().items()}
+    loss = _distillation_loss(smollm, aux, SUMMARIES[0], "Bonjour !")
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in smollm.model.parameters())
+    assert weights_fingerprint(smollm.model) == before_fp == smollm.fingerprint
+    after = aux.persistent_state_dict()
+    assert any(not torch.equal(before_aux[k], after[k]) for k in after)
+    assert all(not p.requires_grad or p.grad is None for n, p in aux.encoder.named_parameters())  # encoder frozen
+
+
+def test_lora_encoder_trains_adapters_only_and_round_trips(smollm, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(smollm, num_thoughts=4, encoder_training="lora")
+    enc_trainable = [n for n, p in aux.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    assert enc_trainable and all("lora_" in n for n in enc_trainable)
+    trainable = {id(p) for p in aux.trainable_parameters()}
+    assert all(id(p) in trainable for n, p in aux.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(list(aux.trainable_parameters()), lr=1e-2)
+    _distillation_loss(smollm, aux, SUMMARIES[1], "hi there").backward()
+    opt.step()
+    aux.save_pretrained(tmp_path)
+    loaded = SoftThoughtAux.from_pretrained(tmp_path, backbone=smollm)
+    aux.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))

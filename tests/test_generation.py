@@ -1,0 +1,151 @@
+import pytest
+import torch
+
+from softthought.generation import Engine, SamplingParams
+from softthought.splice import build_chat_prompt
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Describe the sea."}],
+]
+
+
+def _hf_greedy(bb, messages, max_new_tokens):
+    ids = bb.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    out = bb.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_no_summary_equals_transformers_greedy_generate(smollm, conversation):
+    result = Engine(smollm).generate([build_chat_prompt(smollm.tokenizer, conversation)], GREEDY)[0]
+    expected = _hf_greedy(smollm, conversation, 24)
+    assert result.token_ids == expected
+    assert result.text == smollm.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_batch_of_three_users_equals_each_alone(smollm, smollm_aux):
+    with torch.no_grad():
+        th = smollm_aux.encode(["Answer in French.", "I like short answers with bullet points."])
+    prompts = [
+        build_chat_prompt(smollm.tokenizer, [{"role": "user", "content": "Tell me about the sea."}], th[0]),
+        build_chat_prompt(smollm.tokenizer, [{"role": "user", "content": "Hi"}]),
+        build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1], th[1]),
+    ]
+    assert len({p.num_tokens for p in prompts}) == 3  # different lengths: left padding is exercised
+    engine = Engine(smollm)
+    batched = engine.generate(prompts, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.prompt_tokens for r in batched] == [p.num_tokens for p in prompts]
+
+
+def test_request_joining_a_running_batch_matches_running_alone(smollm):
+    engine = Engine(smollm)
+    long_prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    short_prompt = build_chat_prompt(smollm.tokenizer, [{"role": "user", "content": "Hi"}])
+    params = SamplingParams(max_tokens=20, temperature=0)
+    expected = [engine.generate([p], params)[0].token_ids for p in (long_prompt, short_prompt)]
+    first = engine.add(long_prompt, params)
+    for _ in range(5):
+        engine.step()
+    second = engine.add(short_prompt, params)
+    results = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result.token_ids
+            assert len(engine.running) <= 2
+    assert [results[first], results[second]] == expected
+
+
+def test_max_tokens_ends_with_length(smollm):
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    r = Engine(smollm).generate([prompt], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert (r.finish_reason, r.completion_tokens, len(r.token_ids)) == ("length", 5, 5)
+
+
+def test_eos_ends_with_stop_and_is_not_in_the_text(smollm):
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[0])
+    r = Engine(smollm).generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
+    assert r.finish_reason == "stop" and r.token_ids[-1] in smollm.eos_token_ids
+    assert r.text == "The capital of France is Paris."
+
+
+def test_stop_string_truncates_and_ends_with_stop(smollm):
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    engine = Engine(smollm)
+    full = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0].text
+    words = full.split()
+    stop = " ".join(words[3:5])  # a two-word stop string from the middle of the reply
+    r = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0, stop=["zzzz", stop]))[0]
+    assert r.finish_reason == "stop"
+    assert r.text == full[: full.index(stop)]
+    assert r.completion_tokens < 30
+
+
+def test_stream_deltas_add_up_and_never_show_the_stop_string(smollm):
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    engine = Engine(smollm)
+    full = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0].text
+    stop = next(full[i : i + 5] for i in range(10, len(full)) if full.index(full[i : i + 5]) == i)
+    outs = list(engine.stream(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop])))
+    assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+    streamed = "".join(o.delta for o in outs)
+    assert streamed == outs[-1].result.text == full[: full.index(stop)]
+    assert len(outs) > 3  # incremental, not one chunk
+
+
+def test_sampling_is_reproducible_by_seed(smollm):
+    engine = Engine(smollm)
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    runs = [engine.generate([prompt], SamplingParams(max_tokens=16, temperature=1.0, seed=s))[0].token_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_tiny_top_p_is_greedy(smollm):
+    engine = Engine(smollm)
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    nucleus = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=3))[0].token_ids
+    assert nucleus == greedy
+
+
+def test_abort_removes_a_running_request(tiny):
+    engine = Engine(tiny)
+    prompt = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}])
+    keep = engine.add(prompt, SamplingParams(max_tokens=8, temperature=0))
+    drop = engine.add(prompt, SamplingParams(max_tokens=50, temperature=0))
+    engine.step()
+    engine.abort(drop)
+    finished = []
+    while engine.has_work():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [keep]
+
+
+def test_prompt_longer_than_context_is_refused(tiny):
+    prompt = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello " * 200}])
+    with pytest.raises(ValueError, match="context"):
+        Engine(tiny).add(prompt, SamplingParams(max_tokens=400))
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5)])
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_batch_on_tiny_model_of_another_family_with_thoughts(tiny):
+    """Left padding + splicing on a model of another family: batch equals alone."""
+    g = torch.Generator().manual_seed(0)
+    th = torch.randn(2, 4, tiny.hidden_size, generator=g) * tiny.embed_norm
+    prompts = [
+        build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}], th[0]),
+        build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "The quick brown fox jumps"}], th[1]),
+        build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Paris"}]),
+    ]
+    engine = Engine(tiny)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    assert [r.token_ids for r in engine.generate(prompts, params)] == [engine.generate([p], params)[0].token_ids for p in prompts]
