@@ -65,6 +65,20 @@ def cmd_aux_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.launch import load_serve_config, serve_forever
+
+    http = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    overrides = {
+        "backbone": args.backbone, "aux_checkpoint": args.aux, "dtype": args.dtype,
+        "store_path": args.store and os.path.abspath(args.store), "api_keys": args.api_key,
+    }
+    if args.aux and args.aux != "default":
+        overrides["aux_checkpoint"] = os.path.abspath(args.aux)
+    config = load_serve_config(args.config, http, {k: v for k, v in overrides.items() if v is not None})
+    return serve_forever(config, num_cpus=args.num_cpus, metrics_export_port=args.ray_metrics_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softthought", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -91,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--encoder-training", default="frozen", choices=["frozen", "lora", "full"])
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_aux_init)
+    serve = sub.add_parser("serve", help="start a local Ray cluster (127.0.0.1) and the OpenAI-compatible server")
+    serve.add_argument("--config", help="Ray Serve config file (default: the packaged serve_local.yaml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--backbone", help="override the app's backbone (HF directory or hub id)")
+    serve.add_argument("--aux", help="override the app's auxiliary checkpoint directory")
+    serve.add_argument("--dtype", choices=sorted(DTYPES))
+    serve.add_argument("--store", help="SQLite file for preference summaries")
+    serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    serve.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule (default: all)")
+    serve.add_argument("--ray-metrics-port", type=int, help="fixed port for Ray's own Prometheus metrics")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

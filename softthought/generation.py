@@ -28,7 +28,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    stop: Sequence[str] = ()
+    stop: Sequence[str] | None = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,7 +37,7 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        self.stop = tuple(s for s in self.stop if s)
+        self.stop = tuple(s for s in (self.stop or ()) if s)
 
 
 @dataclass

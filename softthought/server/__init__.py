@@ -1,0 +1,1 @@
+"""The Ray Serve application: FastAPI ingress, auxiliary deployment, backbone deployment."""

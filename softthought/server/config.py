@@ -1,0 +1,47 @@
+"""Application arguments (the `args:` of the Serve config file), validated with pydantic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..pipeline import default_aux_dir
+
+
+def default_store_path() -> str:
+    base = os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))
+    return str(Path(base) / "softthought" / "preferences.db")
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str | None = Field(None, description="HF model directory or hub id; null = embedded SmolLM2-135M-Instruct")
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    aux_checkpoint: str | None = Field("default", description="'default' = the shipped checkpoint, null = none")
+    served_model_name: str = "softthought"
+    store_path: str = Field(default_factory=default_store_path)
+    api_keys: list[str] = Field(default_factory=list, description="also read from $SOFTTHOUGHT_API_KEYS (comma-separated)")
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    max_n: int = Field(4, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_summary_chars: int = Field(2000, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_batch_size: int = Field(16, ge=1)
+    thought_cache_size: int = Field(4096, ge=0)
+    backbone_threads: int | None = Field(None, ge=1, description="torch threads in a backbone replica; null = all cores")
+    aux_threads: int = Field(1, ge=1)
+
+    def resolved_aux_checkpoint(self) -> str | None:
+        if self.aux_checkpoint == "default":
+            found = default_aux_dir()
+            return str(found) if found else None
+        return self.aux_checkpoint
+
+    def resolved_api_keys(self) -> set[str]:
+        env = os.environ.get("SOFTTHOUGHT_API_KEYS", "")
+        return {k for k in self.api_keys if k} | {k.strip() for k in env.split(",") if k.strip()}

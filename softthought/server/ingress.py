@@ -1,0 +1,342 @@
+"""FastAPI ingress: OpenAI-compatible routes, preference API, health and metrics."""
+
+
+import asyncio
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import protocol as oai
+from ..splice import THOUGHT_MARKER
+from ..store import PreferenceStore
+from . import metrics
+from .config import ServerConfig
+
+log = logging.getLogger("softthought.ingress")
+app = FastAPI(title="softthought", description="OpenAI-compatible server with per-user soft thoughts")
+
+
+# ------------------------------------------------------------------------------ errors and metrics
+@app.exception_handler(oai.APIError)
+async def _api_error(_: Request, exc: oai.APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(oai.APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"][1:]) or None
+    return JSONResponse(oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param).body(), 400)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return JSONResponse(oai.APIError(500, "internal server error", code="internal_error").body(), status_code=500)
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    metrics.IN_FLIGHT.inc()
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        metrics.IN_FLIGHT.dec()
+        route = request.scope.get("route")
+        label = getattr(route, "path", "other")  # the route template: bounded label values
+        metrics.REQUESTS.labels(label, str(status)).inc()
+        metrics.LATENCY.labels(label).observe(time.perf_counter() - start)
+
+
+async def _parse(request: Request, model: type):
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise oai.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json")
+    if not isinstance(data, dict):
+        raise oai.APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise oai.APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                               code="unsupported_parameter")
+        if err["type"] == "missing":
+            raise oai.APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        raise oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+
+
+async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
+    """Interleave several backbone streams as (choice index, item); cancel them all when abandoned."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as exc:  # a replica died mid-stream
+            await queue.put((i, {"delta": "", "finish_reason": "error", "error": str(exc)}))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.cancel()
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class _Timing:
+    """Time to first token and time per output token of one request."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.first: float | None = None
+
+    def token(self, item: dict) -> None:
+        if self.first is None and item["delta"]:
+            self.first = time.perf_counter()
+            metrics.TTFT.observe(self.first - self.arrival)
+        metrics.BATCH_SIZE.observe(item.get("batch_size", 1))
+
+    def done(self, completion_tokens: int) -> None:
+        metrics.COMPLETION_TOKENS.inc(completion_tokens)
+        if self.first is not None and completion_tokens > 1:
+            metrics.TPOT.observe((time.perf_counter() - self.first) / (completion_tokens - 1))
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, aux, backbone, config: dict) -> None:
+        self.config = ServerConfig.model_validate(config)
+        self.aux, self.backbone = aux, backbone
+        self.stream_backbone = backbone.options(stream=True)
+        self.store = PreferenceStore(self.config.store_path)
+        self.api_keys = self.config.resolved_api_keys()
+
+    # -------------------------------------------------------------------------- plumbing
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+            raise oai.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+
+    def _check_summary(self, summary: str, param: str) -> None:
+        if len(summary) > self.config.max_summary_chars:
+            raise oai.APIError(400, f"The preference summary is {len(summary)} characters long; the limit is "
+                                    f"{self.config.max_summary_chars}.", param=param, code="summary_too_long")
+        if THOUGHT_MARKER in summary:
+            raise oai.APIError(400, "The preference summary contains a reserved marker.", param=param)
+
+    def _check_request(self, req) -> int:
+        if req.model != self.config.served_model_name:
+            raise oai.APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                                    f"'{self.config.served_model_name}'.", param="model", code="model_not_found")
+        max_tokens = req.requested_max_tokens or self.config.default_max_tokens
+        if max_tokens > self.config.max_tokens_limit:
+            param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise oai.APIError(400, f"max_tokens is {max_tokens}; the limit is {self.config.max_tokens_limit}.",
+                               param=param, code="invalid_value")
+        if req.n > self.config.max_n:
+            raise oai.APIError(400, f"n is {req.n}; at most {self.config.max_n} choices are allowed.", param="n",
+                               code="invalid_value")
+        return max_tokens
+
+    async def _personalization(self, req) -> tuple[object, dict]:
+        """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none."""
+        ext = {"summary_source": "none", "aux_version": None, "preference_version": None}
+        if req.preference_summary is not None:
+            summary, ext["summary_source"] = req.preference_summary, "inline"
+            self._check_summary(summary, "preference_summary")
+        elif req.user and (pref := await asyncio.to_thread(self.store.get, req.user)) is not None:
+            summary, ext["summary_source"], ext["preference_version"] = pref.summary, "stored", pref.version
+        else:
+            return None, ext
+        if not summary.strip():
+            return None, {**ext, "summary_source": "none"}
+        out = await self.aux.thoughts.remote(summary)
+        if "error" in out:
+            raise oai.APIError(503, out["error"], code="aux_unavailable", type="service_unavailable")
+        metrics.AUX_LATENCY.observe(out["latency_s"])
+        (metrics.CACHE_HITS if out["cache_hit"] else metrics.CACHE_MISSES).inc()
+        ext["aux_version"] = out["version"]
+        return out["thoughts"], ext
+
+    async def _start(self, req, payload: dict, max_tokens: int, request_id: str) -> tuple[list, int]:
+        """Send n generations to the backbone; return their streams once all are accepted."""
+        streams = []
+        for i in range(req.n):
+            params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                      "seed": None if req.seed is None else req.seed + i, "stop": req.stop}
+            streams.append(self.stream_backbone.generate.remote({**payload, "params": params,
+                                                                 "request_id": f"{request_id}-{i}"}))
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+        error = next((f["error"] for f in firsts if "error" in f), None)
+        if error:
+            for s in streams:
+                s.cancel()
+            param = "prompt" if payload["kind"] == "text" else "messages"
+            raise oai.APIError(400, error[0].upper() + error[1:] + ".", param=param, code="invalid_prompt")
+        return streams, firsts[0]["prompt_tokens"]
+
+    async def _run(self, req, payload: dict, chat: bool) -> Response:
+        arrival = time.perf_counter()
+        max_tokens = self._check_request(req)
+        thoughts, ext = await self._personalization(req)
+        request_id = oai.new_id("chatcmpl" if chat else "cmpl")
+        streams, prompt_tokens = await self._start(req, {**payload, "thoughts": thoughts}, max_tokens, request_id)
+        metrics.PROMPT_TOKENS.inc(prompt_tokens * req.n)
+        timing = _Timing(arrival)
+        merged = _merge(streams)
+        if req.stream:
+            gen = self._stream(req, merged, request_id, chat, ext, prompt_tokens, timing)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        texts, reasons, completion = [""] * req.n, [None] * req.n, 0
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                async for i, item in merged:
+                    timing.token(item)
+                    texts[i] += item["delta"]
+                    if "finish_reason" in item:
+                        reasons[i] = item["finish_reason"]
+                        completion += item["completion_tokens"] if "completion_tokens" in item else 0
+                        if item.get("error"):
+                            raise oai.APIError(500, item["error"], code="backbone_error")
+        except TimeoutError:
+            raise oai.APIError(504, f"The request did not finish within {self.config.request_timeout_s} s.",
+                               code="timeout", type="timeout")
+        finally:
+            await merged.aclose()
+        timing.done(completion)
+        build = oai.chat_completion if chat else oai.text_completion
+        return JSONResponse(build(request_id, req.model, list(zip(texts, reasons)), prompt_tokens, completion, ext))
+
+    async def _stream(self, req, merged, request_id: str, chat: bool, ext: dict, prompt_tokens: int,
+                      timing: _Timing) -> AsyncIterator[str]:
+        created = oai.now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(i, text=None, finish=None, role=False, extension=None):
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+                return oai.chat_chunk(request_id, req.model, created, i, delta, finish, include_usage, extension)
+            return oai.text_chunk(request_id, req.model, created, i, text or "", finish, include_usage, extension)
+
+        completion = 0
+        deadline = time.monotonic() + self.config.request_timeout_s
+        try:
+            if chat:
+                for i in range(req.n):
+                    yield _sse(chunk(i, role=True, extension=ext if i == 0 else None))
+            async for i, item in merged:
+                timing.token(item)
+                if item.get("error"):
+                    yield _sse(oai.APIError(500, item["error"], code="backbone_error").body())
+                    return
+                finish = item.get("finish_reason")
+                if item["delta"] or finish:
+                    yield _sse(chunk(i, item["delta"], finish, extension=None if chat else ext))
+                if finish:
+                    completion += item.get("completion_tokens", 0)
+                if time.monotonic() > deadline:
+                    yield _sse(oai.APIError(504, "The request timed out.", code="timeout", type="timeout").body())
+                    return
+            timing.done(completion)
+            if include_usage:
+                yield _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created, "model": req.model, "choices": [],
+                            "usage": oai.usage(prompt_tokens, completion)})
+            yield _sse("[DONE]")
+        finally:
+            await merged.aclose()
+
+    # -------------------------------------------------------------------------- routes
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = await _parse(request, oai.ChatCompletionRequest)
+        return await self._run(req, {"kind": "chat", "messages": req.chat_messages()}, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = await _parse(request, oai.CompletionRequest)
+        return await self._run(req, {"kind": "text", "prompt": req.prompt}, chat=False)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.config.served_model_name, "object": "model",
+                                            "created": 0, "owned_by": "softthought"}]}
+
+    @app.put("/v1/users/{user}/preferences")
+    async def put_preferences(self, user: str, request: Request) -> dict:
+        self._authorize(request)
+        body = await _parse(request, oai.PreferenceBody)
+        self._check_summary(body.summary, "summary")
+        return (await asyncio.to_thread(self.store.put, user, body.summary)).to_dict()
+
+    @app.get("/v1/users/{user}/preferences")
+    async def get_preferences(self, user: str, request: Request) -> dict:
+        self._authorize(request)
+        pref = await asyncio.to_thread(self.store.get, user)
+        if pref is None:
+            raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
+        return pref.to_dict()
+
+    @app.delete("/v1/users/{user}/preferences")
+    async def delete_preferences(self, user: str, request: Request) -> dict:
+        self._authorize(request)
+        if not await asyncio.to_thread(self.store.delete, user):
+            raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
+        return {"user": user, "deleted": True}
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            backbone, aux = await asyncio.wait_for(
+                asyncio.gather(self.backbone.info.remote(), self.aux.info.remote()), timeout=5)
+        except Exception as exc:  # models still loading, or a replica is down
+            return JSONResponse({"status": "loading", "detail": str(exc)[:200]}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.config.served_model_name, "backbone": backbone, "aux": aux})
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

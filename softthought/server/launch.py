@@ -1,0 +1,101 @@
+"""Start a local Ray cluster on 127.0.0.1 and deploy a Serve config file onto it (`softthought serve`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("softthought.serve")
+DEFAULT_CONFIG = Path(__file__).with_name("serve_local.yaml")
+APP_NAME = "softthought"
+
+
+def load_serve_config(path: str | Path | None = None, http: dict | None = None, args: dict | None = None):
+    """Read a Serve config file, apply overrides to http_options and to the softthought app's args, validate."""
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text())
+    data.setdefault("http_options", {}).update(http or {})
+    apps = data.get("applications") or []
+    target = next((a for a in apps if a.get("name") == APP_NAME), apps[0] if len(apps) == 1 else None)
+    if args:
+        if target is None:
+            raise ValueError(f"the config has no application named {APP_NAME!r} to apply overrides to")
+        target.setdefault("args", {}).update(args)
+    return ServeDeploySchema.model_validate(data)
+
+
+def _wait_until_running(timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < timeout_s:
+        statuses = serve.status().applications
+        states = {name: app.status for name, app in statuses.items()}
+        if states and all(s == ApplicationStatus.RUNNING for s in states.values()):
+            return
+        failed = {n: statuses[n].message for n, s in states.items() if s == ApplicationStatus.DEPLOY_FAILED}
+        if failed:
+            raise RuntimeError(f"deployment failed: {failed}")
+        if states != last:
+            log.info("waiting for the applications: %s", {n: str(s) for n, s in states.items()})
+            last = states
+        time.sleep(1)
+    raise TimeoutError(f"the applications were not running after {timeout_s:.0f} s")
+
+
+def start(config, num_cpus: int | None = None, metrics_export_port: int | None = None,
+          ready_timeout_s: float = 900) -> float:
+    """Start Ray (loopback only, no dashboard) and Serve, deploy `config`, wait until it runs. Returns seconds taken."""
+    import ray
+    from ray.serve._private import api as serve_api  # what `serve run CONFIG` uses; Ray is pinned
+
+    t0 = time.perf_counter()
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        namespace="serve",
+        _metrics_export_port=metrics_export_port,
+        log_to_driver=True,
+    )
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=None,
+        controller_options=config.controller_options,
+    )
+    client.deploy_apps(config, _blocking=False)
+    _wait_until_running(ready_timeout_s)
+    return time.perf_counter() - t0
+
+
+def serve_forever(config, **kwargs) -> int:
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        seconds = start(config, **kwargs)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        ray.shutdown()
+        return 1
+    http = config.http_options
+    print(f"softthought is serving on http://{http.host}:{http.port} (ready in {seconds:.1f} s)", file=sys.stderr,
+          flush=True)
+    stop.wait()
+    print("shutting down", file=sys.stderr, flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,72 @@
+"""Preference summaries per user in SQLite (WAL), versioned: every update bumps the user's version."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS preferences (
+    user TEXT PRIMARY KEY,
+    summary TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Preference:
+    user: str
+    summary: str
+    version: int
+    updated_at: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PreferenceStore:
+    """One short-lived connection per call, so the store is safe to use from any thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # autocommit
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            yield db
+        finally:
+            db.close()
+
+    def put(self, user: str, summary: str) -> Preference:
+        now = time.time()
+        with self._connect() as db:
+            row = db.execute(
+                "INSERT INTO preferences (user, summary, version, updated_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(user) DO UPDATE SET summary = excluded.summary, version = version + 1, "
+                "updated_at = excluded.updated_at RETURNING version",
+                (user, summary, now),
+            ).fetchone()
+        return Preference(user, summary, row[0], now)
+
+    def get(self, user: str) -> Preference | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT user, summary, version, updated_at FROM preferences WHERE user = ?", (user,)
+            ).fetchone()
+        return Preference(*row) if row else None
+
+    def delete(self, user: str) -> bool:
+        with self._connect() as db:
+            return db.execute("DELETE FROM preferences WHERE user = ?", (user,)).rowcount > 0
