@@ -59,6 +59,9 @@ async def _count_requests(request: Request, call_next):
         response = await call_next(request)
         status = response.status_code
         return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's convention); nothing was sent
+        raise
     finally:
         metrics.IN_FLIGHT.dec()
         route = request.scope.get("route")
@@ -332,7 +335,7 @@ class Ingress:
     async def health(self) -> JSONResponse:
         try:
             backbone, aux = await asyncio.wait_for(
-                asyncio.gather(self.backbone.info.remote(), self.aux.info.remote()), timeout=5)
+                asyncio.gather(self.backbone.info.remote(), self.aux.info.remote()), timeout=2)
         except Exception as exc:  # models still loading, or a replica is down
             return JSONResponse({"status": "loading", "detail": str(exc)[:200]}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.config.served_model_name, "backbone": backbone, "aux": aux})

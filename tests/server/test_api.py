@@ -1,0 +1,141 @@
+"""The real server through the official openai client."""
+
+import time
+
+import pytest
+import torch
+
+from softthought.aux_model import SoftThoughtAux
+from softthought.generation import Engine, SamplingParams
+from softthought.splice import build_chat_prompt
+
+pytestmark = pytest.mark.slow
+HELLO = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def _in_process(smollm, aux_dir, messages, summary, max_tokens):
+    thoughts = None
+    if summary:
+        aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm).eval()
+        with torch.no_grad():
+            thoughts = aux.encode([summary])[0]
+    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts)
+    return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
+
+
+def test_chat_completion_matches_in_process_generation(client, smollm, aux_dir):
+    resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0)
+    expected = _in_process(smollm, aux_dir, HELLO, None, 16)
+    choice = resp.choices[0]
+    assert choice.message.content == expected.text and choice.message.role == "assistant"
+    assert choice.finish_reason == expected.finish_reason
+    assert resp.usage.prompt_tokens == expected.prompt_tokens and resp.usage.completion_tokens == expected.completion_tokens
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    assert resp.to_dict()["softthought"]["summary_source"] == "none"
+
+
+def test_streaming_is_incremental(client):
+    start = time.perf_counter()
+    stamps, text, usage = [], "", None
+    stream = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=48, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter() - start)
+            text += chunk.choices[0].delta.content
+    assert len(stamps) >= 20
+    assert stamps[0] < 0.3 * stamps[-1], f"first token at {stamps[0]:.2f}s, last at {stamps[-1]:.2f}s"
+    assert usage is not None and usage.completion_tokens == 48
+    full = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=48, temperature=0)
+    assert text == full.choices[0].message.content
+
+
+def test_stored_preferences_select_the_users_thoughts(client, http, smollm, aux_dir):
+    summary = "I am a chef. Answer in French, briefly."
+    put = http.put("/v1/users/chef/preferences", json={"summary": summary})
+    assert put.status_code == 200
+    resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0, user="chef")
+    ext = resp.to_dict()["softthought"]
+    assert ext["summary_source"] == "stored" and ext["preference_version"] == put.json()["version"]
+    assert ext["aux_version"] == http.get("/health").json()["aux"]["version"]
+    expected = _in_process(smollm, aux_dir, HELLO, summary, 16)
+    assert resp.choices[0].message.content == expected.text
+    assert resp.usage.prompt_tokens == expected.prompt_tokens  # the K thoughts are counted
+    plain = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0)
+    assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
+
+
+def test_inline_summary_overrides_the_stored_one(client, http):
+    http.put("/v1/users/overridden/preferences", json={"summary": "Answer in German."})
+    inline = "Answer like a pirate."
+    a = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=12, temperature=0,
+                                       user="overridden", extra_body={"preference_summary": inline})
+    b = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=12, temperature=0,
+                                       extra_body={"preference_summary": inline})
+    assert a.to_dict()["softthought"]["summary_source"] == "inline"
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_unknown_user_gets_the_plain_backbone(client):
+    a = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=10, temperature=0, user="nobody")
+    b = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=10, temperature=0)
+    assert a.to_dict()["softthought"]["summary_source"] == "none"
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    kwargs = dict(model="softthought", messages=HELLO, max_tokens=10, temperature=1.0, seed=7, n=3)
+    a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1  # different seeds per choice
+    assert 3 <= a.usage.completion_tokens <= 30  # summed over the choices
+
+
+def test_stop_sequence(client):
+    full = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=30, temperature=0)
+    text = full.choices[0].message.content
+    stop = text.split()[3]
+    cut = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_text_completions_and_streaming(client):
+    resp = client.completions.create(model="softthought", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert resp.object == "text_completion" and resp.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="softthought", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == resp.choices[0].text
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == ["softthought"]
+
+
+def test_preference_api_round_trip(http):
+    assert http.put("/v1/users/u1/preferences", json={"summary": "v1"}).json()["version"] == 1
+    assert http.put("/v1/users/u1/preferences", json={"summary": "v2"}).json()["version"] == 2
+    got = http.get("/v1/users/u1/preferences").json()
+    assert (got["summary"], got["version"]) == ("v2", 2)
+    assert http.delete("/v1/users/u1/preferences").json() == {"user": "u1", "deleted": True}
+    assert http.get("/v1/users/u1/preferences").status_code == 404
+
+
+def test_health_and_metrics(http, client):
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["backbone"]["fingerprint"] and health["aux"]["version"]
+    client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=4, temperature=0,
+                                   extra_body={"preference_summary": "metrics check"})
+    text = http.get("/metrics").text
+    for name in ("softthought_requests_total", "softthought_request_duration_seconds_bucket",
+                 "softthought_time_to_first_token_seconds_bucket", "softthought_time_per_output_token_seconds_bucket",
+                 "softthought_prompt_tokens_total", "softthought_completion_tokens_total",
+                 "softthought_aux_latency_seconds_bucket", "softthought_thought_cache_misses_total",
+                 "softthought_thought_cache_hits_total", "softthought_batch_size_bucket", "softthought_requests_in_flight"):
+        assert name in text, name
+    assert 'softthought_requests_total{route="/v1/chat/completions",status="200"}' in text

@@ -1,0 +1,74 @@
+"""Bad input gets the right 4xx with an OpenAI-shaped body, and never a 500."""
+
+import pytest
+
+from .conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+OK = {"model": "softthought", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+CASES = [
+    # (name, method, path, body or raw bytes, headers, status, param)
+    ("malformed json", "POST", "/v1/chat/completions", b'{"model": ', None, 400, None),
+    ("body not an object", "POST", "/v1/chat/completions", [1, 2], None, 400, None),
+    ("wrong type", "POST", "/v1/chat/completions", {**OK, "temperature": "hot"}, None, 400, "temperature"),
+    ("temperature out of range", "POST", "/v1/chat/completions", {**OK, "temperature": 2.5}, None, 400, "temperature"),
+    ("unknown model", "POST", "/v1/chat/completions", {**OK, "model": "gpt-9"}, None, 404, "model"),
+    ("empty messages", "POST", "/v1/chat/completions", {**OK, "messages": []}, None, 400, "messages"),
+    ("missing messages", "POST", "/v1/chat/completions", {"model": "softthought"}, None, 400, "messages"),
+    ("bad role", "POST", "/v1/chat/completions", {**OK, "messages": [{"role": "wizard", "content": "x"}]}, None, 400,
+     "messages.0.role"),
+    ("unknown parameter", "POST", "/v1/chat/completions", {**OK, "tools": []}, None, 400, "tools"),
+    ("unsupported penalty", "POST", "/v1/chat/completions", {**OK, "frequency_penalty": 0.5}, None, 400,
+     "frequency_penalty"),
+    ("max_tokens over limit", "POST", "/v1/chat/completions", {**OK, "max_tokens": 100000}, None, 400, "max_tokens"),
+    ("n too large", "POST", "/v1/chat/completions", {**OK, "n": 9}, None, 400, "n"),
+    ("n zero", "POST", "/v1/chat/completions", {**OK, "n": 0}, None, 400, "n"),
+    ("prompt too long", "POST", "/v1/chat/completions",
+     {**OK, "messages": [{"role": "user", "content": "lorem ipsum " * 400}]}, None, 400, "messages"),
+    ("summary too long", "POST", "/v1/chat/completions", {**OK, "preference_summary": "x" * 600}, None, 400,
+     "preference_summary"),
+    ("stream_options without stream", "POST", "/v1/chat/completions",
+     {**OK, "stream_options": {"include_usage": True}}, None, 400, None),
+    ("no api key", "POST", "/v1/chat/completions", OK, {"Authorization": ""}, 401, None),
+    ("wrong api key", "GET", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
+    ("empty completion prompt", "POST", "/v1/completions", {"model": "softthought", "prompt": ""}, None, 400, "prompt"),
+    ("unknown user preferences", "GET", "/v1/users/ghost/preferences", None, None, 404, "user"),
+    ("delete unknown user", "DELETE", "/v1/users/ghost/preferences", None, None, 404, "user"),
+    ("preferences without summary", "PUT", "/v1/users/u/preferences", {"text": "x"}, None, 400, None),
+    ("preference summary too long", "PUT", "/v1/users/u/preferences", {"summary": "y" * 600}, None, 400, "summary"),
+    ("unknown route", "GET", "/v1/nothing", None, None, 404, None),
+    ("wrong method", "GET", "/v1/chat/completions", None, None, 405, None),
+]
+
+
+@pytest.mark.parametrize("name, method, path, body, headers, status, param", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(http, name, method, path, body, headers, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else ({"json": body} if body is not None else {})
+    resp = http.request(method, path, headers=headers, **kwargs)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_openai_client_raises_typed_errors(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="softthought", messages=[{"role": "user", "content": "x"}], n=9)
+    assert err.value.body["param"] == "n"
+    bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_bad_input_never_produced_a_500(http):
+    # runs after the cases above in file order; the ingress counts every status it returned
+    metrics = http.get("/metrics").text
+    assert 'status="500"' not in metrics
+    assert API_KEY  # the server under test requires a key
