@@ -57,31 +57,31 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
         raise PromptError(f"the chat template rejected the messages: {exc}") from exc
 
 
-def messages_with_marker(messages: Sequence[dict]) -> list[dict]:
-    """The conversation with the marker opening the system turn (one is added if there is none)."""
+def with_system_text(tokenizer, messages: Sequence[dict], text: str) -> list[dict]:
+    """The conversation with `text` opening the system turn (one is added if there is none).
+
+    Templates that refuse a system role get `text` at the start of the first user turn instead.
+    """
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
-        out[0]["content"] = THOUGHT_MARKER + "\n" + str(out[0]["content"])
+        out[0]["content"] = text + "\n" + str(out[0]["content"])
     else:
-        out.insert(0, {"role": "system", "content": THOUGHT_MARKER})
-    return out
-
-
-def render_chat_with_marker(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """Rendered chat text containing the marker exactly once.
-
-    The marker goes into the system turn; templates that refuse a system role get it at the start of
-    the first user turn instead.
-    """
+        out.insert(0, {"role": "system", "content": text})
     try:
-        text = _render(tokenizer, messages_with_marker(messages), add_generation_prompt)
+        _render(tokenizer, out, True)
+        return out
     except PromptError:
         out = [dict(m) for m in messages]
         first_user = next((i for i, m in enumerate(out) if m.get("role") == "user"), None)
         if first_user is None:
             raise
-        out[first_user]["content"] = THOUGHT_MARKER + "\n" + str(out[first_user]["content"])
-        text = _render(tokenizer, out, add_generation_prompt)
+        out[first_user]["content"] = text + "\n" + str(out[first_user]["content"])
+        return out
+
+
+def render_chat_with_marker(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Rendered chat text containing the marker exactly once, where `with_system_text` puts text."""
+    text = _render(tokenizer, with_system_text(tokenizer, messages, THOUGHT_MARKER), add_generation_prompt)
     if text.count(THOUGHT_MARKER) != 1:
         raise PromptError("the chat template dropped or repeated the soft-thought marker")
     return text

@@ -1,0 +1,46 @@
+import pytest
+
+from train_aux.checks import CHECK_IDS, check
+
+CASES = [
+    ("language:response_language", {"language": "fr"}, "Bonjour, je suis très content de vous aider aujourd'hui.", True),
+    ("language:response_language", {"language": "fr"}, "Hello, I am very happy to help you today.", False),
+    ("length_constraints:number_words", {"relation": "less than", "num_words": 5}, "one two three four", True),
+    ("length_constraints:number_words", {"relation": "less than", "num_words": 5}, "one two three four five", False),
+    ("length_constraints:number_words", {"relation": "at least", "num_words": 3}, "one two three", True),
+    ("change_case:english_lowercase", {}, "all lowercase here.", True),
+    ("change_case:english_lowercase", {}, "Not lowercase.", False),
+    ("change_case:english_capital", {}, "ALL CAPS HERE.", True),
+    ("change_case:english_capital", {}, "MOSTLY caps.", False),
+    ("startend:end_checker", {"end_phrase": "Cheers!"}, "Done here. cheers!", True),
+    ("startend:end_checker", {"end_phrase": "Cheers!"}, "Cheers! Done here.", False),
+    ("startend:quotation", {}, '"wrapped"', True),
+    ("startend:quotation", {}, "not wrapped", False),
+    ("keywords:existence", {"keywords": ["river", "galaxy"]}, "A river in a galaxy.", True),
+    ("keywords:existence", {"keywords": ["river", "galaxy"]}, "A river.", False),
+    ("punctuation:no_comma", {}, "No commas at all.", True),
+    ("punctuation:no_comma", {}, "One, comma.", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Body.\n\nP.S. more", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, "Body.\n\nP.P.S more", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Body only.", False),
+    ("detectable_format:title", {}, "<<A Title>>\nBody", True),
+    ("detectable_format:title", {}, "Title: body", False),
+]
+
+
+@pytest.mark.parametrize("instruction_id, kwargs, response, expected", CASES)
+def test_checks_follow_ifeval_semantics(instruction_id, kwargs, response, expected):
+    assert check(response, instruction_id, kwargs) is expected
+
+
+def test_every_supported_id_is_covered():
+    assert {c[0] for c in CASES} == set(CHECK_IDS)
+
+
+def test_unknown_check_is_refused():
+    with pytest.raises(ValueError, match="unknown check"):
+        check("x", "format:json")
+
+
+def test_empty_response_never_passes():
+    assert check("   ", "punctuation:no_comma") is False

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from softthought.aux_model import SoftThoughtAux
+from softthought.backbone import load_backbone
+from train_aux.data import write_jsonl
+from train_aux.eval import general, load_task, personalization
+from train_aux.train import load_config, train
+from train_aux.users import make_users
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    write_jsonl(tmp_path / "train_users.jsonl", make_users(20, 0, "t", held_out_phrasing=False))
+    answers = [{"prompt": f"Tell me about topic {i}.", "answer": "The quick brown fox jumps over the lazy dog. Hello there."}
+               for i in range(10)]
+    write_jsonl(tmp_path / "answers.jsonl", answers)
+    return tmp_path
+
+
+def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
+    cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
+                                 num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1))
+    final = train(cfg)
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    end = events[-1]
+    assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
+    aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)
+    assert aux.config.metadata["steps"] == 3 and aux.config.metadata["data_hash"]
+    # resume: continuing to 5 steps starts from step 3's state
+    cfg5 = cfg.model_copy(update={"steps": 5})
+    train(cfg5, resume=True)
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e.get("event") == "start"]
+    assert starts[-1]["step"] == 3
+
+
+def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    users = make_users(3, 5, "e", held_out_phrasing=True)
+    report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0)
+    for cond in ("none", "text", "soft"):
+        assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
+    assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
+    result = general(tiny, aux, users, ["piqa"], 6, 0)
+    assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
+
+
+def test_benchmark_tasks_load_with_gold_labels():
+    for task, k in (("hellaswag", 4), ("arc_easy", None), ("piqa", 2)):
+        items = load_task(task, 20, 0)
+        assert len(items) == 20
+        for item in items:
+            assert 0 <= item["gold"] < len(item["choices"]) and all(c.startswith(" ") for c in item["choices"])
+            assert k is None or len(item["choices"]) == k

@@ -1,0 +1,1 @@
+"""Training and evaluation of the auxiliary model (the backbone is never trained here)."""

@@ -1,0 +1,250 @@
+"""Evaluation: personalization (checkable preferences) and general ability (multiple choice by log-likelihood).
+
+    python -m train_aux.eval personalization --users U.jsonl --prompts P.jsonl [--aux DIR] --json OUT.json
+    python -m train_aux.eval general --tasks hellaswag,arc_easy,piqa --n 1000 [--aux DIR] --users U.jsonl --json OUT.json
+
+`--backbone DIR` evaluates another backbone (e.g. a fine-tuned baseline) the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from softthought.aux_model import SoftThoughtAux
+from softthought.backbone import Backbone, load_backbone
+from softthought.generation import Engine, SamplingParams
+from softthought.splice import build_chat_prompt, left_pad, with_system_text
+
+from .checks import check_all
+from .data import read_jsonl
+from .paths import shared_data
+
+CONDITIONS = ("none", "text", "soft")
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ personalization
+def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
+                    pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16) -> dict:
+    rng = random.Random(seed)
+    pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
+    thoughts = {}
+    if "soft" in conditions:
+        with torch.inference_mode():
+            for u in users:
+                thoughts[u["user"]] = aux.encode([u["summary"]])[0]
+    tok = backbone.tokenizer
+    engine = Engine(backbone, max_batch_size=batch)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    report: dict = {"n_pairs": len(pairs), "n_users": len(users), "max_new_tokens": max_new_tokens, "seed": seed}
+    samples = []
+    for cond in conditions:
+        built = []
+        for u, p in pairs:
+            user_msg = [{"role": "user", "content": p}]
+            if cond == "none":
+                built.append(build_chat_prompt(tok, user_msg))
+            elif cond == "text":
+                built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
+            else:
+                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]]))
+        results = []
+        for i in tqdm(range(0, len(built), batch), desc=f"personalization/{cond}", unit="batch"):
+            results += engine.generate(built[i : i + batch], params)
+        passed, per_id, all_pass = 0, defaultdict(list), 0
+        n_checks = 0
+        for (u, p), r in zip(pairs, results):
+            outcome = check_all(r.text, u["checks"])
+            for c, ok in zip(u["checks"], outcome):
+                per_id[c["instruction_id"]].append(ok)
+            passed += sum(outcome)
+            n_checks += len(outcome)
+            all_pass += all(outcome)
+            if len(samples) < 60 and cond != "none":
+                samples.append({"condition": cond, "user": u["user"], "summary": u["summary"], "prompt": p,
+                                "response": r.text, "passed": outcome})
+        rate, all_rate = passed / n_checks, all_pass / len(pairs)
+        report[cond] = {
+            "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
+            "all_pass_rate": all_rate, "all_pass_rate_se": _se(all_rate, len(pairs)), "n_responses": len(pairs),
+            "mean_prompt_tokens": sum(r.prompt_tokens for r in results) / len(results),
+            "per_instruction": {k: {"pass_rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_id.items())},
+        }
+    report["samples"] = samples
+    return report
+
+
+# ------------------------------------------------------------------------------------------ general ability
+def load_task(name: str, n: int, seed: int) -> list[dict]:
+    """Items as {"context", "choices" (continuations with their leading space), "gold"}, lm-eval's prompts."""
+    root = shared_data()
+    items = []
+    if name == "hellaswag":
+        lines = bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt").read().splitlines()
+        for i in range(0, len(lines) - 5, 6):
+            items.append({"context": lines[i], "choices": [" " + e for e in lines[i + 2 : i + 6]], "gold": int(lines[i + 1])})
+    elif name == "arc_easy":
+        for row in read_jsonl(root / "arc_easy" / "arc_easy.jsonl"):
+            items.append({"context": row["query"] + "\nAnswer:", "choices": [" " + c for c in row["choices"]], "gold": row["gold"]})
+    elif name == "piqa":
+        labels = (root / "piqa" / "valid-labels.lst").read_text().split()
+        for row, label in zip(read_jsonl(root / "piqa" / "valid.jsonl"), labels):
+            items.append({"context": f"Question: {row['goal']}\nAnswer:", "choices": [" " + row["sol1"], " " + row["sol2"]],
+                          "gold": int(label)})
+    else:
+        raise ValueError(f"unknown task {name!r}; known: hellaswag, arc_easy, piqa")
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    # as lm-eval: tokenize the whole string and take the continuation as what follows the context's tokens
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
+                   desc: str = "loglik") -> list[float]:
+    """Sum of log p(continuation | [thoughts] + context) for each (context ids, continuation ids, thoughts)."""
+    table = backbone.model.get_input_embeddings()
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    out = [0.0] * len(requests)
+    for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch]
+        seqs, conts = [], []
+        for i in idx:
+            ctx, cont, thoughts = requests[i]
+            emb = table(torch.tensor(ctx + cont))
+            if thoughts is not None:
+                emb = torch.cat([thoughts.to(emb.dtype), emb])
+            seqs.append(emb)
+            conts.append(cont)
+        embeds, mask, positions = left_pad(seqs)
+        logits = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        length = embeds.shape[1]
+        for row, (i, cont) in enumerate(zip(idx, conts)):
+            pred = logits[row, length - len(cont) - 1 : length - 1].float().log_softmax(-1)
+            out[i] = pred.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+    return out
+
+
+def score_task(backbone: Backbone, items: list[dict], thoughts: list[torch.Tensor | None], desc: str) -> list[tuple[int, int]]:
+    """(acc, acc_norm) correctness per item; thoughts[i] are item i's soft thoughts (or None)."""
+    tok = backbone.tokenizer
+    requests, spans = [], []
+    for item, th in zip(items, thoughts):
+        first = len(requests)
+        for choice in item["choices"]:
+            ctx, cont = _encode_pair(tok, item["context"], choice)
+            requests.append((ctx, cont, th))
+        spans.append((first, len(requests)))
+    ll = loglikelihoods(backbone, requests, desc=desc)
+    results = []
+    for item, (a, b) in zip(items, spans):
+        scores = ll[a:b]
+        norm = [s / len(c.encode()) for s, c in zip(scores, item["choices"])]  # lm-eval normalizes by bytes
+        results.append((int(max(range(len(scores)), key=scores.__getitem__) == item["gold"]),
+                        int(max(range(len(norm)), key=norm.__getitem__) == item["gold"])))
+    return results
+
+
+def _paired(a: list[int], b: list[int]) -> dict:
+    n = len(a)
+    diffs = [y - x for x, y in zip(a, b)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return {"diff": 100 * mean, "diff_se": 100 * math.sqrt(var / n)}
+
+
+def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int) -> dict:
+    """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts
+    (item i gets user i mod len(users)), paired on the same items."""
+    user_thoughts = []
+    if aux is not None:
+        with torch.inference_mode():
+            user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
+    report = {"n_users": len(users) if aux is not None else 0, "seed": seed}
+    for task in tasks:
+        items = load_task(task, n, seed)
+        plain = score_task(backbone, items, [None] * len(items), f"{task}/plain")
+        entry = {"n": len(items), "plain": _accs(plain)}
+        if aux is not None:
+            soft = score_task(backbone, items, [user_thoughts[i % len(users)] for i in range(len(items))], f"{task}/soft")
+            entry["soft"] = _accs(soft)
+            entry["soft_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in soft])
+                                         for k, m in enumerate(("acc", "acc_norm"))}
+        report[task] = entry
+    return report
+
+
+def _accs(results: list[tuple[int, int]]) -> dict:
+    n = len(results)
+    acc, norm = sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
+    return {"acc": 100 * acc, "acc_se": 100 * _se(acc, n), "acc_norm": 100 * norm, "acc_norm_se": 100 * _se(norm, n)}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("personalization")
+    p.add_argument("--users", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--pairs-per-user", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--conditions", default=",".join(CONDITIONS))
+    g = sub.add_parser("general")
+    g.add_argument("--tasks", default="hellaswag,arc_easy,piqa")
+    g.add_argument("--n", type=int, default=1000)
+    g.add_argument("--users", required=True)
+    g.add_argument("--max-users", type=int, default=8)
+    for s in (p, g):
+        s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
+        s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
+        s.add_argument("--backbone")
+        s.add_argument("--dtype", default="bfloat16")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    backbone = load_backbone(args.backbone, dtype=args.dtype)
+    aux = None
+    if not args.no_aux:
+        from softthought.pipeline import default_aux_dir
+
+        path = args.aux or default_aux_dir()
+        if path is None:
+            ap.error("no auxiliary checkpoint: pass --aux DIR or --no-aux")
+        aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).eval()
+    users = read_jsonl(args.users)
+    if args.command == "personalization":
+        conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
+        prompts = [r["prompt"] for r in read_jsonl(args.prompts)]
+        report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
+                                 conditions)
+    else:
+        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed)
+    report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
+    report["aux_version"] = aux.version if aux is not None else None
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate")} if k in CONDITIONS else v)
+               for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Train the auxiliary model by personalized self-distillation; the backbone stays frozen.
+
+Targets are the frozen backbone's own answers, minimally edited to satisfy each user's checkable
+preferences (and kept only if IFEval's verifiers pass). The student is the same backbone reading K soft
+thoughts of the user's summary instead of any text; the loss is cross-entropy on the target tokens.
+
+    python -m train_aux.train --config train_aux/configs/default.yaml [--steps N --out DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+
+from softthought.aux_model import SoftThoughtAux
+from softthought.backbone import Backbone, load_backbone, weights_fingerprint
+from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
+
+from .data import edit_answer, read_jsonl
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str | None = None
+    dtype: str = "bfloat16"  # the serving dtype: the student sees the numerics it will be served with
+    data_dir: str = "train_aux/data"
+    out: str = "runs/aux"
+    num_thoughts: int = 8
+    encoder_training: str = "lora"
+    lora_r: int = 8
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    encoder_lr: float = 2e-4
+    warmup_steps: int = 20
+    max_target_tokens: int = 96
+    grad_clip: float = 1.0
+    log_every: int = 10
+    save_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+
+def load_config(path: str | None, overrides: dict) -> TrainConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.model_validate(data)
+
+
+def data_hash(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Examples:
+    """Endless stream of (summary, prompt, target) from random users and the backbone's own answers."""
+
+    def __init__(self, users: list[dict], answers: list[dict], seed: int) -> None:
+        self.users, self.answers = users, answers
+        self.rng = random.Random(seed)
+
+    def sample(self) -> tuple[str, str, str]:
+        while True:
+            user, row = self.rng.choice(self.users), self.rng.choice(self.answers)
+            target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng)
+            if target is not None:
+                return user["summary"], row["prompt"], target
+
+
+def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
+                max_target: int) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of each target reply (+ end of turn) after its prompt; returns (loss, target tokens)."""
+    end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    sequences, target_ids = [], []
+    for prompt, target in zip(prompts, targets):
+        ids = (tokenizer(target, add_special_tokens=False)["input_ids"] + [end])[:max_target]
+        sequences.append(torch.cat([embed_prompt(table, prompt), table(torch.tensor(ids))]))
+        target_ids.append(ids)
+    embeds, mask, positions = left_pad(sequences)
+    labels = torch.full(mask.shape, -100, dtype=torch.long)
+    for i, ids in enumerate(target_ids):
+        labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    # position t predicts token t+1
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+    return loss, sum(len(t) for t in target_ids)
+
+
+def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[tuple[str, str, str]], max_target: int) -> tuple[torch.Tensor, int]:
+    """The student's loss: the user's soft thoughts instead of the summary text."""
+    tok = backbone.tokenizer
+    thoughts = aux.encode([summary for summary, _, _ in batch])
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": prompt}], th) for (_, prompt, _), th in zip(batch, thoughts)]
+    return target_loss(backbone.model, backbone.model.get_input_embeddings(), tok, prompts, [t for _, _, t in batch],
+                       max_target)
+
+
+def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig) -> torch.optim.Optimizer:
+    enc = [p for n, p in aux.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    rest = [p for n, p in aux.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": enc, "lr": cfg.encoder_lr}] if enc else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    backbone_ids = {id(p) for p in backbone.model.parameters()}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert not any(id(p) in backbone_ids for p in held), "a backbone parameter reached the optimizer"
+    assert {id(p) for p in held} == {id(p) for p in aux.trainable_parameters()}
+    return optimizer
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data_dir)
+    users, answers = read_jsonl(data / "train_users.jsonl"), read_jsonl(data / "answers.jsonl")
+    backbone = load_backbone(cfg.backbone, dtype=cfg.dtype)
+    fingerprint = backbone.fingerprint
+    last = out / "last"
+    if resume and (last / "config.json").exists():
+        aux = SoftThoughtAux.from_pretrained(last, backbone=backbone)
+        state = torch.load(last / "training_state.pt", weights_only=False)
+    else:
+        aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts,
+                                          encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
+        state = None
+    aux.train()
+    optimizer = make_optimizer(aux, backbone, cfg)
+    examples = Examples(users, answers, cfg.seed)
+    start = 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        examples.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    log = open(out / "log.jsonl", "a")
+    log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
+                          "trainable_params": sum(p.numel() for p in aux.trainable_parameters())}) + "\n")
+    meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data / "train_users.jsonl", data / "answers.jsonl"),
+            "train_config": cfg.model_dump()}
+    t0, tokens, recent = time.perf_counter(), 0, []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")
+    for step in bar:
+        for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
+            g["lr"] = base * lr_factor(step, cfg)
+        loss, n_tokens = batch_loss(backbone, aux, [examples.sample() for _ in range(cfg.batch_size)], cfg.max_target_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)
+        optimizer.step()
+        tokens += n_tokens
+        recent.append(loss.item())
+        bar.set_postfix(loss=f"{sum(recent[-10:]) / len(recent[-10:]):.3f}")
+        if (step + 1) % cfg.log_every == 0:
+            elapsed = time.perf_counter() - t0
+            log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
+                                  "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1)}) + "\n")
+            log.flush()
+            recent = []
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _checkpoint(aux, optimizer, examples, step + 1, last, {**meta, "step": step + 1})
+    assert all(p.grad is None for p in backbone.model.parameters()), "the backbone received gradients"
+    after = weights_fingerprint(backbone.model)
+    log.write(json.dumps({"event": "end", "backbone_fingerprint_before": fingerprint,
+                          "backbone_fingerprint_after": after, "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
+    log.close()
+    if after != fingerprint:
+        raise RuntimeError(f"backbone fingerprint changed during training: {fingerprint} -> {after}")
+    final = out / "final"
+    aux.config.metadata = {**meta, "steps": cfg.steps}
+    aux.save_pretrained(final)
+    return final
+
+
+def _checkpoint(aux, optimizer, examples, step, directory: Path, meta: dict) -> None:
+    aux.config.metadata = meta
+    aux.save_pretrained(directory)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": examples.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "step": step}, directory / "training_state.pt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    for name, field in TrainConfig.model_fields.items():
+        kind = next((t for t in (int, float) if t in (field.annotation, *get_args(field.annotation))), str)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    args = vars(ap.parse_args(argv))
+    config, resume = args.pop("config"), args.pop("resume")
+    final = train(load_config(config, args), resume=resume)
+    print(final)
+
+
+if __name__ == "__main__":
+    main()
