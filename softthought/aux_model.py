@@ -119,6 +119,8 @@ class SoftThoughtAux(nn.Module):
         self.norm_x = nn.LayerNorm(e)
         self.mlp = nn.Sequential(nn.Linear(e, e * config.mlp_ratio), nn.GELU(), nn.Linear(e * config.mlp_ratio, e))
         self.projector = nn.Sequential(nn.Linear(e, d), nn.GELU(), nn.Linear(d, d))
+        # log-gain per thought: starts at exactly the backbone's token norm, and may learn to speak louder
+        self.log_gain = nn.Parameter(torch.zeros(k, 1))
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -160,7 +162,7 @@ class SoftThoughtAux(nn.Module):
         attended, _ = self.attn(self.norm_q(q), states, states, key_padding_mask=attention_mask == 0, need_weights=False)
         x = q + attended
         x = x + self.mlp(self.norm_x(x))
-        return F.normalize(self.projector(x), dim=-1) * self.config.thought_norm
+        return F.normalize(self.projector(x), dim=-1) * (self.config.thought_norm * self.log_gain.exp())
 
     def tokenize(self, summaries: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(

@@ -79,6 +79,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(config, num_cpus=args.num_cpus, metrics_export_port=args.ray_metrics_port)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import markdown, run
+
+    aux = os.path.abspath(args.aux) if args.aux else None
+    results = run(Path(args.out), args.url, aux, args.model, args.api_key, args.dtype)
+    print(markdown(results))
+    return 0 if all(c["holds"] for c in results["criteria"].values()) else 1
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    resp = httpx.post(args.url.rstrip("/") + "/admin/aux", json={"checkpoint": os.path.abspath(args.checkpoint)},
+                      headers=headers, timeout=600)
+    body = resp.json()
+    if resp.status_code != 200:
+        print(f"error: {body['error']['message']}", file=sys.stderr)
+        return 1
+    print(f"aux {body['previous_version']} -> {body['version']} in {body['rollout_s']:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softthought", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -117,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ray-metrics-port", type=int, help="fixed port for Ray's own Prometheus metrics")
     serve.set_defaults(func=cmd_serve)
+
+    rollout = sub.add_parser("rollout", help="switch a running server to a new auxiliary checkpoint, no downtime")
+    rollout.add_argument("checkpoint")
+    rollout.add_argument("--url", default="http://127.0.0.1:8000")
+    rollout.add_argument("--api-key", default=os.environ.get("SOFTTHOUGHT_API_KEY"))
+    rollout.set_defaults(func=cmd_rollout)
+
+    bench = sub.add_parser("bench", help="benchmark soft thoughts vs text, server overhead, batching, cache, load")
+    bench.add_argument("--out", default="benchmarks", help="directory for bench.json, bench.md, bench.png")
+    bench.add_argument("--url", help="use a running server instead of starting one (it must load the same models)")
+    bench.add_argument("--aux", help="auxiliary checkpoint for the server it starts (default: the shipped one)")
+    bench.add_argument("--model", default="softthought")
+    bench.add_argument("--api-key")
+    bench.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -150,6 +150,10 @@ class PreferenceBody(_Strict):
     summary: str
 
 
+class RolloutBody(_Strict):
+    checkpoint: str = Field(min_length=1, description="auxiliary checkpoint directory, readable by every Aux replica")
+
+
 # ---------------------------------------------------------------------------- responses
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -14,7 +14,7 @@ def build_app(args: dict) -> Application:
     config = ServerConfig.model_validate(args or {})
     backbone = BackboneDeployment.bind(
         backbone=config.backbone, dtype=config.dtype, max_batch_size=config.max_batch_size,
-        max_prompt_tokens=config.max_prompt_tokens, threads=config.backbone_threads,
+        max_prompt_tokens=config.max_prompt_tokens, threads=config.backbone_threads, device=config.device,
     )
     aux = AuxDeployment.bind(
         backbone, checkpoint=config.resolved_aux_checkpoint(), cache_size=config.thought_cache_size,

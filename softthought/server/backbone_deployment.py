@@ -22,10 +22,12 @@ log = logging.getLogger("softthought.backbone")
 @serve.deployment(name="Backbone", max_ongoing_requests=64)
 class BackboneDeployment:
     def __init__(self, backbone: str | None = None, dtype: str = "bfloat16", max_batch_size: int = 16,
-                 max_prompt_tokens: int = 4096, threads: int | None = None) -> None:
+                 max_prompt_tokens: int = 4096, threads: int | None = None, device: str = "auto") -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the engine should use the cores it was given.
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.backbone = load_backbone(backbone, dtype=dtype)
+        if device == "auto":  # a replica placed with num_gpus sees its GPU through CUDA_VISIBLE_DEVICES
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backbone = load_backbone(backbone, dtype=dtype, device=device)
         self.max_prompt_tokens = max_prompt_tokens
         self.engine = Engine(self.backbone, max_batch_size=max_batch_size)
         self._subscribers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -39,6 +41,7 @@ class BackboneDeployment:
             "hidden_size": self.backbone.hidden_size,
             "max_context": self.backbone.max_context,
             "dtype": str(self.backbone.dtype).removeprefix("torch."),
+            "device": str(self.backbone.device),
         }
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:

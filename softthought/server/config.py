@@ -21,6 +21,7 @@ class ServerConfig(BaseModel):
 
     backbone: str | None = Field(None, description="HF model directory or hub id; null = embedded SmolLM2-135M-Instruct")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     aux_checkpoint: str | None = Field("default", description="'default' = the shipped checkpoint, null = none")
     served_model_name: str = "softthought"
     store_path: str = Field(default_factory=default_store_path)

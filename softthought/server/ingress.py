@@ -16,10 +16,12 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import protocol as oai
+from ..aux_model import CheckpointError
 from ..splice import THOUGHT_MARKER
 from ..store import PreferenceStore
 from . import metrics
 from .config import ServerConfig
+from .rollout import apply_checkpoint, validate_checkpoint
 
 log = logging.getLogger("softthought.ingress")
 app = FastAPI(title="softthought", description="OpenAI-compatible server with per-user soft thoughts")
@@ -199,7 +201,8 @@ class Ingress:
             raise oai.APIError(503, out["error"], code="aux_unavailable", type="service_unavailable")
         metrics.AUX_LATENCY.observe(out["latency_s"])
         (metrics.CACHE_HITS if out["cache_hit"] else metrics.CACHE_MISSES).inc()
-        ext["aux_version"] = out["version"]
+        ext.update(aux_version=out["version"], aux_cache_hit=out["cache_hit"],
+                   aux_latency_ms=round(1000 * out["latency_s"], 3))
         return out["thoughts"], ext
 
     async def _start(self, req, payload: dict, max_tokens: int, request_id: str) -> tuple[list, int]:
@@ -330,6 +333,35 @@ class Ingress:
         if not await asyncio.to_thread(self.store.delete, user):
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return {"user": user, "deleted": True}
+
+    @app.get("/admin/aux")
+    async def aux_info(self, request: Request) -> dict:
+        self._authorize(request)
+        return await self.aux.info.remote()
+
+    @app.post("/admin/aux")
+    async def rollout(self, request: Request) -> dict:
+        """Switch every Aux replica to a new checkpoint without downtime; a bad checkpoint changes nothing."""
+        self._authorize(request)
+        body = await _parse(request, oai.RolloutBody)
+        start = time.perf_counter()
+        backbone, before = await asyncio.gather(self.backbone.info.remote(), self.aux.info.remote())
+        try:
+            version = await asyncio.to_thread(validate_checkpoint, body.checkpoint, backbone)
+        except CheckpointError as exc:
+            raise oai.APIError(400, f"Checkpoint refused, the current one keeps serving: {exc}", param="checkpoint",
+                               code="invalid_checkpoint")
+        if version != before["version"]:
+            await asyncio.to_thread(apply_checkpoint, serve.get_replica_context().app_name, body.checkpoint)
+            deadline = time.monotonic() + self.config.request_timeout_s
+            while (info := await self.aux.info.remote())["version"] != version:
+                if info.get("last_error") and body.checkpoint in info["last_error"]:
+                    raise oai.APIError(400, info["last_error"], param="checkpoint", code="invalid_checkpoint")
+                if time.monotonic() > deadline:
+                    raise oai.APIError(504, "The Aux replicas did not switch in time.", code="timeout", type="timeout")
+                await asyncio.sleep(0.2)
+        return {"checkpoint": body.checkpoint, "version": version, "previous_version": before["version"],
+                "changed": version != before["version"], "rollout_s": round(time.perf_counter() - start, 3)}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ServerProcess
+from softthought.server.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]

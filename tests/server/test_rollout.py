@@ -1,0 +1,79 @@
+"""A new auxiliary checkpoint goes live under traffic with zero failed requests; bad ones are refused."""
+
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from softthought.aux_model import SoftThoughtAux
+
+from .conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+
+def _client_loop(base_url, stop, records, i):
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        n = 0
+        while not stop.is_set():
+            body = {"model": "softthought", "messages": [{"role": "user", "content": f"Hello {n}"}], "max_tokens": 4,
+                    "temperature": 0, "preference_summary": f"Client {i} likes short answers."}
+            start = time.monotonic()
+            try:
+                if n % 2:
+                    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+                        status, version = r.status_code, json.loads(lines[0][6:])["softthought"]["aux_version"]
+                else:
+                    r = c.post("/v1/chat/completions", json=body)
+                    status, version = r.status_code, r.json()["softthought"]["aux_version"]
+            except Exception as exc:  # a dropped connection counts as a failure
+                status, version = repr(exc), None
+            records.append((start, time.monotonic(), status, version))
+            n += 1
+
+
+def test_rollout_under_traffic(server, http, smollm, tiny, aux_dir, tmp_path):
+    original = http.get("/admin/aux").json()["version"]
+    torch.manual_seed(123)
+    new_dir = SoftThoughtAux.for_backbone(smollm, num_thoughts=8).save_pretrained(tmp_path / "new")
+    new_version = SoftThoughtAux.from_pretrained(new_dir).version
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(new_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a tensor file")
+    other_backbone = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).save_pretrained(tmp_path / "other")
+
+    stop, records = threading.Event(), []
+    clients = [threading.Thread(target=_client_loop, args=(server.base_url, stop, records, i)) for i in range(4)]
+    [t.start() for t in clients]
+    try:
+        time.sleep(3)
+        resp = http.post("/admin/aux", json={"checkpoint": str(new_dir)})
+        assert resp.status_code == 200, resp.text
+        rolled = resp.json()
+        switched_at = time.monotonic()
+        assert rolled["version"] == new_version and rolled["previous_version"] == original and rolled["changed"]
+        time.sleep(3)
+        for bad, words in ((corrupt, "model.safetensors"), (other_backbone, "fingerprint"), (tmp_path / "nothing", "missing")):
+            refused = http.post("/admin/aux", json={"checkpoint": str(bad)})
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_checkpoint" and words in error["message"]
+        time.sleep(2)
+    finally:
+        stop.set()
+        [t.join() for t in clients]
+    failures = [r for r in records if r[2] != 200]
+    assert not failures, failures[:5]
+    assert len(records) > 20
+    versions = [v for _, _, _, v in sorted(records)]
+    assert versions[0] == original and versions[-1] == new_version
+    assert all(v == new_version for start, _, _, v in records if start > switched_at)  # never an old thought again
+    assert http.get("/admin/aux").json()["version"] == new_version  # the refused ones changed nothing
+    print(f"rollout took {rolled['rollout_s']} s; {len(records)} requests served during the test, 0 failed")
+    # leave the server as the other tests expect it
+    assert http.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
