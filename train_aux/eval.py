@@ -142,15 +142,18 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
     return out
 
 
-def score_task(backbone: Backbone, items: list[dict], thoughts: list[torch.Tensor | None], desc: str) -> list[tuple[int, int]]:
-    """(acc, acc_norm) correctness per item; thoughts[i] are item i's soft thoughts (or None)."""
+def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str) -> list[tuple[int, int]]:
+    """(acc, acc_norm) correctness per item. prefixes[i] goes before item i's context: None, soft thoughts
+    [K, hidden], or a text summary (written out before the context, as a plain prompt would carry it)."""
     tok = backbone.tokenizer
     requests, spans = [], []
-    for item, th in zip(items, thoughts):
+    for item, prefix in zip(items, prefixes):
+        context = f"{prefix}\n\n{item['context']}" if isinstance(prefix, str) else item["context"]
+        thoughts = prefix if isinstance(prefix, torch.Tensor) else None
         first = len(requests)
         for choice in item["choices"]:
-            ctx, cont = _encode_pair(tok, item["context"], choice)
-            requests.append((ctx, cont, th))
+            ctx, cont = _encode_pair(tok, context, choice)
+            requests.append((ctx, cont, thoughts))
         spans.append((first, len(requests)))
     ll = loglikelihoods(backbone, requests, desc=desc)
     results = []
@@ -170,23 +173,30 @@ def _paired(a: list[int], b: list[int]) -> dict:
     return {"diff": 100 * mean, "diff_se": 100 * math.sqrt(var / n)}
 
 
-def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int) -> dict:
+def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
+            with_text: bool = False) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts
-    (item i gets user i mod len(users)), paired on the same items."""
+    (item i gets user i mod len(users)); with `with_text`, also with the summary written as text. All paired
+    on the same items."""
     user_thoughts = []
     if aux is not None:
         with torch.inference_mode():
             user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    report = {"n_users": len(users) if aux is not None else 0, "seed": seed}
+    report = {"n_users": len(users), "seed": seed}
     for task in tasks:
         items = load_task(task, n, seed)
         plain = score_task(backbone, items, [None] * len(items), f"{task}/plain")
         entry = {"n": len(items), "plain": _accs(plain)}
+        conditions = {}
         if aux is not None:
-            soft = score_task(backbone, items, [user_thoughts[i % len(users)] for i in range(len(items))], f"{task}/soft")
-            entry["soft"] = _accs(soft)
-            entry["soft_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in soft])
-                                         for k, m in enumerate(("acc", "acc_norm"))}
+            conditions["soft"] = [user_thoughts[i % len(users)] for i in range(len(items))]
+        if with_text:
+            conditions["text"] = [users[i % len(users)]["summary"] for i in range(len(items))]
+        for name, prefixes in conditions.items():
+            scored = score_task(backbone, items, prefixes, f"{task}/{name}")
+            entry[name] = _accs(scored)
+            entry[f"{name}_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in scored])
+                                            for k, m in enumerate(("acc", "acc_norm"))}
         report[task] = entry
     return report
 
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--n", type=int, default=1000)
     g.add_argument("--users", required=True)
     g.add_argument("--max-users", type=int, default=8)
+    g.add_argument("--with-text", action="store_true", help="also score with the summary written as text")
     for s in (p, g):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
                                  conditions)
     else:
-        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed)
+        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed, args.with_text)
     report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
     report["aux_version"] = aux.version if aux is not None else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

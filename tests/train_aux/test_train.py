@@ -57,3 +57,14 @@ def test_benchmark_tasks_load_with_gold_labels():
         for item in items:
             assert 0 <= item["gold"] < len(item["choices"]) and all(c.startswith(" ") for c in item["choices"])
             assert k is None or len(item["choices"]) == k
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_finetune_baselines_train_a_copy_and_save_a_loadable_model(tmp_path, data_dir, tiny_dir, tiny, mode):
+    from train_aux.finetune import finetune
+
+    out = finetune(mode, tmp_path / mode, steps=2, batch_size=2, lr=1e-3, data_dir=data_dir, seed=0,
+                   backbone_name=tiny_dir, dtype="float32", max_target=16)
+    tuned = load_backbone(str(out), dtype="float32")
+    assert tuned.fingerprint != tiny.fingerprint  # the copy was trained
+    assert load_backbone(tiny_dir, dtype="float32").fingerprint == tiny.fingerprint  # the original was not

@@ -1,0 +1,35 @@
+from train_aux.report import TASKS, plot, render
+
+
+def _pers(rate):
+    block = {"check_pass_rate": rate, "check_pass_rate_se": 0.02, "all_pass_rate": rate / 2, "all_pass_rate_se": 0.03,
+             "n_checks": 300, "n_responses": 160, "mean_prompt_tokens": 40.0,
+             "per_instruction": {"change_case:english_lowercase": {"pass_rate": rate, "n": 50}}}
+    return block
+
+
+def _gen(base, with_conditions):
+    out = {"n_users": 8, "seed": 0}
+    for t in TASKS:
+        entry = {"n": 1000, "plain": {"acc": base, "acc_se": 1.5, "acc_norm": base, "acc_norm_se": 1.5}}
+        if with_conditions:
+            for c in ("soft", "text"):
+                entry[c] = {"acc": base - 0.5, "acc_se": 1.5, "acc_norm": base - 0.5, "acc_norm_se": 1.5}
+                entry[f"{c}_minus_plain"] = {"acc": {"diff": -0.5, "diff_se": 0.4}, "acc_norm": {"diff": -0.5, "diff_se": 0.4}}
+        out[t] = entry
+    return out
+
+
+def test_render_and_plot(tmp_path):
+    res = {
+        "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 400, "data_hash": "d", "backbone_fingerprint": "f"},
+        "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
+        "gen": _gen(45.0, True),
+        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False),
+        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, False),
+    }
+    md = render(res)
+    assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
+    assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
+    plot(res, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000

@@ -1,0 +1,182 @@
+"""Regenerate train_aux/RESULTS.md and train_aux/results.png: none / text / soft / LoRA / full fine-tuning,
+personalization and general accuracy, with n and standard errors.
+
+    python -m train_aux.report            # runs whatever evaluation (or baseline fine-tuning) is missing
+    python -m train_aux.report --rerun    # runs every evaluation again
+
+Evaluation JSONs are kept in train_aux/results/ so the table can be rendered again without re-running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from softthought.aux_model import SoftThoughtAux
+from softthought.backbone import load_backbone
+from softthought.pipeline import default_aux_dir
+
+from .data import read_jsonl
+from .eval import general, personalization
+from .finetune import finetune
+
+HERE = Path(__file__).parent
+TASKS = ["hellaswag", "arc_easy", "piqa"]
+TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
+
+
+def _run(path: Path, rerun: bool, fn) -> dict:
+    if rerun or not path.exists():
+        result = fn()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    return json.loads(path.read_text())
+
+
+def collect(args) -> dict:
+    data = Path(args.data_dir)
+    users, prompts = read_jsonl(data / "eval_users.jsonl"), [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
+    out = Path(args.results)
+    aux_dir = args.aux or default_aux_dir()
+    if aux_dir is None:
+        raise SystemExit("no auxiliary checkpoint: train one (python -m train_aux.train) or pass --aux")
+    res = {}
+    backbone = load_backbone(None, dtype="bfloat16")
+    aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=backbone).eval()
+    res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
+    res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
+        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed))
+    res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=True))
+    for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
+        ft_dir = Path(args.runs) / f"ft-{mode}"
+        if not (ft_dir / "config.json").exists():
+            finetune(mode, ft_dir, steps, 8, 2e-4 if mode == "lora" else 2e-5, data, args.seed, None, "float32", 96)
+        ft = load_backbone(str(ft_dir), dtype="bfloat16")
+        res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda: personalization(
+            ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")))
+        res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda: general(
+            ft, None, users[: args.max_users], TASKS, args.n, args.seed))
+    return res
+
+
+def _pm(value: float, se: float, digits: int = 1) -> str:
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
+def rows(res: dict) -> list[dict]:
+    """One row per system: personalization (percent of checks, of responses) and acc_norm per task."""
+    def pers(block):
+        return (100 * block["check_pass_rate"], 100 * block["check_pass_rate_se"], 100 * block["all_pass_rate"],
+                100 * block["all_pass_rate_se"], block["n_checks"], block["n_responses"])
+
+    def gen(block, key):
+        return {t: (block[t][key]["acc_norm"], block[t][key]["acc_norm_se"], block[t]["n"]) for t in TASKS}
+
+    return [
+        {"system": "frozen backbone, no summary", "pers": pers(res["pers"]["none"]), "gen": gen(res["gen"], "plain")},
+        {"system": "frozen backbone, summary as text", "pers": pers(res["pers"]["text"]), "gen": gen(res["gen"], "text")},
+        {"system": "frozen backbone + soft thoughts (softthought)", "pers": pers(res["pers"]["soft"]), "gen": gen(res["gen"], "soft")},
+        {"system": "LoRA fine-tuned backbone, summary as text", "pers": pers(res["pers_lora"]["text"]), "gen": gen(res["gen_lora"], "plain")},
+        {"system": "fully fine-tuned backbone, summary as text", "pers": pers(res["pers_full"]["text"]), "gen": gen(res["gen_full"], "plain")},
+    ]
+
+
+def render(res: dict) -> str:
+    table = rows(res)
+    p, g = res["pers"], res["gen"]
+    meta = res["aux_meta"]
+    lines = [
+        "# Results: personalization vs general ability", "",
+        "Regenerate with `python -m train_aux.report` (see its `--help`). Backbone: embedded SmolLM2-135M-Instruct, bf16.",
+        f"Auxiliary checkpoint `{meta['version']}`: K={meta['num_thoughts']}, trained {meta.get('steps', '?')} steps on "
+        f"data `{meta.get('data_hash', '?')}`, backbone fingerprint `{meta.get('backbone_fingerprint', '?')}` "
+        "(identical before and after training).", "",
+        f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
+        f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
+        "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does), the same "
+        f"items for every system, user summaries assigned round-robin over {g['n_users']} users. ± is one standard error.", "",
+        "| system | checks passed (%) | responses passing all checks (%) | "
+        + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
+        "|---|---|---|" + "---|" * len(TASKS),
+    ]
+    for r in table:
+        cp, cse, ap, ase, nc, nr = r["pers"]
+        lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | "
+                     + " | ".join(f"{_pm(r['gen'][t][0], r['gen'][t][1])} (n={r['gen'][t][2]})" for t in TASKS) + " |")
+    lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
+              "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
+    for cond, label in (("soft", "soft thoughts (paired)"), ("text", "summary as text (paired)")):
+        diffs = [g[t][f"{cond}_minus_plain"]["acc_norm"] for t in TASKS]
+        mean = sum(d["diff"] for d in diffs) / len(diffs)
+        lines.append(f"| {label} | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs) + f" | {mean:+.2f} |")
+    for mode, label in (("lora", "LoRA fine-tuned (unpaired)"), ("full", "fully fine-tuned (unpaired)")):
+        cells, total = [], 0.0
+        for t in TASKS:
+            ft, base = res[f"gen_{mode}"][t]["plain"], g[t]["plain"]
+            d = ft["acc_norm"] - base["acc_norm"]
+            total += d
+            cells.append(_pm(d, math.hypot(ft["acc_norm_se"], base["acc_norm_se"])))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {total / len(TASKS):+.2f} |")
+    ids = sorted(p["soft"]["per_instruction"])
+    lines += ["", "## Personalization per preference (% of checks passed)", "",
+              "| check | n | none | text | soft | LoRA + text | full FT + text |", "|---|---|---|---|---|---|---|"]
+    for i in ids:
+        cell = lambda block: f"{100 * block['per_instruction'].get(i, {'pass_rate': float('nan')})['pass_rate']:.0f}"
+        lines.append(f"| `{i}` | {p['soft']['per_instruction'][i]['n']} | {cell(p['none'])} | {cell(p['text'])} | "
+                     f"{cell(p['soft'])} | {cell(res['pers_lora']['text'])} | {cell(res['pers_full']['text'])} |")
+    lines += ["", f"Mean prompt length: text {p['text']['mean_prompt_tokens']:.0f} positions, soft "
+              f"{p['soft']['mean_prompt_tokens']:.0f} (K thoughts counted), none {p['none']['mean_prompt_tokens']:.0f}.",
+              "", "![results](results.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = rows(res)
+    labels = ["none", "text", "soft (ours)", "LoRA FT", "full FT"]
+    colors = ["#999999", "#6a9fd4", "#d62728", "#8c6bb1", "#e6a532"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    a.bar(labels, [r["pers"][0] for r in table], yerr=[r["pers"][1] for r in table], color=colors, capsize=4)
+    a.set(ylabel="checks passed (%)", title="Personalization (unseen users and phrasings)")
+    width = 0.16
+    for k, (r, color, label) in enumerate(zip(table, colors, labels)):
+        xs = [i + (k - 2) * width for i in range(len(TASKS))]
+        b.bar(xs, [r["gen"][t][0] for t in TASKS], width, yerr=[r["gen"][t][1] for t in TASKS], color=color,
+              label=label, capsize=2)
+    b.set_xticks(range(len(TASKS)), [TASK_NAMES[t] for t in TASKS])
+    b.set(ylabel="acc_norm (%)", title="General ability", ylim=(20, 75))
+    b.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
+    ap.add_argument("--data-dir", default=str(HERE / "data"))
+    ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--runs", default="runs", help="where the fine-tuned baselines are (or get) trained")
+    ap.add_argument("--n", type=int, default=1000, help="items per general-ability task")
+    ap.add_argument("--pairs-per-user", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-users", type=int, default=8)
+    ap.add_argument("--lora-steps", type=int, default=200)
+    ap.add_argument("--full-steps", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rerun", action="store_true")
+    args = ap.parse_args(argv)
+    res = collect(args)
+    (HERE / "RESULTS.md").write_text(render(res))
+    plot(res, HERE / "results.png")
+    print((HERE / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
