@@ -146,16 +146,35 @@ async def http_nonstreaming(client: httpx.AsyncClient, body: dict) -> Timed:
                  data.get("softthought"))
 
 
-async def server_overhead(client, pipe: Pipeline, model: str, repeats: int = 5, max_tokens: int = 64) -> dict:
+async def server_overhead(client, pipe: Pipeline, model: str, repeats: int = 5, sizes=(32, 64)) -> dict:
+    """The same greedy completions through HTTP (non-streaming) and in-process, alternating, medians."""
     msgs = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
-    body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0}
-    http, local = [], []
-    for _ in range(repeats):  # alternate so drift affects both sides alike
-        http.append(await http_nonstreaming(client, body))
-        local.append(run_in_process(pipe, build_chat_prompt(pipe.backbone.tokenizer, msgs), max_tokens))
-    assert http[0].completion_tokens == local[0].completion_tokens, "server and in-process runs differ"
-    h, l = _median([t.latency_s for t in http]), _median([t.latency_s for t in local])
-    return {"completion_tokens": local[0].completion_tokens, "http_latency_s": h, "in_process_latency_s": l, "http/in_process": h / l}
+    results = {}
+    for max_tokens in sizes:
+        body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0}
+        http, local = [], []
+        for _ in range(repeats):  # alternate so drift affects both sides alike
+            http.append(await http_nonstreaming(client, body))
+            local.append(run_in_process(pipe, build_chat_prompt(pipe.backbone.tokenizer, msgs), max_tokens))
+        assert http[0].completion_tokens == local[0].completion_tokens, "server and in-process runs differ"
+        h, l = _median([t.latency_s for t in http]), _median([t.latency_s for t in local])
+        results[str(max_tokens)] = {"completion_tokens": local[0].completion_tokens, "http_latency_s": h,
+                                    "in_process_latency_s": l, "http/in_process": h / l}
+    return results
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the whole local Ray cluster of a server)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 async def batching(client, model: str, levels=(1, 2, 4, 8, 16), max_tokens: int = 64, rounds: int = 2) -> dict:
@@ -237,7 +256,7 @@ async def under_load(client, model: str, background: int = 8, probes: int = 3) -
 # ------------------------------------------------------------------------------------------ report
 CRITERIA = [
     ("TTFT soft/text, 150-token summary (cached thoughts)", lambda r: r["prompt_cost"]["150"]["soft_cached/text"]["ttft_s"], "<=", 0.6),
-    ("Server overhead, 64-token completion (HTTP / in-process)", lambda r: r["server_overhead"]["http/in_process"], "<=", 1.10),
+    ("Server overhead, 64-token completion (HTTP / in-process)", lambda r: r["server_overhead"]["64"]["http/in_process"], "<=", 1.10),
     ("Throughput different users / one user, concurrency 8", lambda r: r["batching"]["8"]["different/one"], ">=", 0.95),
     ("Aggregate tokens/s at concurrency 8 / single stream", lambda r: r["batching"]["8"]["speedup_vs_single_stream"], ">=", 2.5),
     ("TTFT of a new request under load / idle", lambda r: r["under_load"]["loaded/idle"], "<=", 2.0),
@@ -246,7 +265,8 @@ CRITERIA = [
 
 def markdown(r: dict) -> str:
     lines = ["# softthought benchmark", "", f"{r['meta']['device']}; backbone {r['meta']['backbone']} ({r['meta']['dtype']}), "
-             f"K={r['meta']['num_thoughts']} soft thoughts; server start-up {r['meta']['server_startup_s']:.1f} s.", "",
+             f"K={r['meta']['num_thoughts']} soft thoughts; server start-up {r['meta']['server_startup_s']:.1f} s, "
+             f"{r['meta']['server_rss_mb']:.0f} MB resident for the whole local cluster after the run.", "",
              "| figure | value | target | holds |", "|---|---|---|---|"]
     for name, get, op, target in CRITERIA:
         v = get(r)
@@ -258,10 +278,11 @@ def markdown(r: dict) -> str:
         for cond in ("text", "soft_cached", "soft_cold"):
             lines.append(f"| {n} | {cond} | {e[cond]['prompt_tokens']:.0f} | {1000 * e[cond]['ttft_s']:.1f} | "
                          f"{1000 * e[cond]['latency_s']:.1f} |")
-    so = r["server_overhead"]
-    lines += ["", "## Server overhead", "", f"{so['completion_tokens']} tokens: HTTP {so['http_latency_s']:.3f} s, "
-              f"in-process {so['in_process_latency_s']:.3f} s, ratio {so['http/in_process']:.3f}.", "",
-              "## Batching across users (HTTP, streaming)", "",
+    lines += ["", "## Server overhead (non-streaming, medians)", ""]
+    for so in r["server_overhead"].values():
+        lines.append(f"- {so['completion_tokens']} tokens: HTTP {so['http_latency_s']:.3f} s, in-process "
+                     f"{so['in_process_latency_s']:.3f} s, ratio {so['http/in_process']:.3f}.")
+    lines += ["", "## Batching across users (HTTP, streaming)", "",
               "| concurrency | one user tok/s | different users tok/s | ratio | TTFT one (ms) | TTFT different (ms) | vs single stream |",
               "|---|---|---|---|---|---|---|"]
     for c, e in r["batching"].items():
@@ -335,6 +356,7 @@ def run(out_dir: Path, url: str | None, aux: str | None, model: str, api_key: st
         print(f"starting a server (log: {tmp / 'server.log'})", file=sys.stderr)
         server.start()
         url = server.base_url
+    rss = float("nan")
     try:
         health = httpx.get(url + "/health", timeout=10).json()
         pipe = Pipeline.load(health["backbone"]["name"], aux=health["aux"]["checkpoint"], dtype=dtype)
@@ -342,13 +364,15 @@ def run(out_dir: Path, url: str | None, aux: str | None, model: str, api_key: st
         results = {"prompt_cost": prompt_cost(pipe)}
         print("measuring through HTTP", file=sys.stderr)
         results.update(asyncio.run(_http_sections(url, pipe, model, api_key)))
+        if server is not None:
+            rss = process_tree_rss_mb(server.proc.pid)
     finally:
         if server is not None:
             server.stop()
     results["meta"] = {"device": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
                        "backbone": health["backbone"]["name"], "dtype": dtype, "num_thoughts": health["aux"]["num_thoughts"],
                        "aux_version": health["aux"]["version"],
-                       "server_startup_s": server.startup_s if server else float("nan")}
+                       "server_startup_s": server.startup_s if server else float("nan"), "server_rss_mb": rss}
     results["criteria"] = {name: {"value": get(results), "target": f"{op} {t}",
                                   "holds": get(results) <= t if op == "<=" else get(results) >= t}
                            for name, get, op, t in CRITERIA}

@@ -13,6 +13,7 @@ import bz2
 import json
 import math
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,9 +61,9 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
                 built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]]))
-        results = []
-        for i in tqdm(range(0, len(built), batch), desc=f"personalization/{cond}", unit="batch"):
-            results += engine.generate(built[i : i + batch], params)
+        # all at once: the engine keeps `batch` sequences running and refills slots as replies finish
+        print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
+        results = engine.generate(built, params)
         passed, per_id, all_pass = 0, defaultdict(list), 0
         n_checks = 0
         for (u, p), r in zip(pairs, results):
