@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class AuxConfig:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AuxConfig":
+    def from_dict(cls, data: dict) -> AuxConfig:
         data = {k: v for k, v in data.items() if k != "format_version"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -124,7 +124,7 @@ class SoftThoughtAux(nn.Module):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def for_backbone(cls, backbone: Backbone, encoder: str = EMBEDDED_ENCODER, **overrides) -> "SoftThoughtAux":
+    def for_backbone(cls, backbone: Backbone, encoder: str = EMBEDDED_ENCODER, **overrides) -> SoftThoughtAux:
         """A freshly initialized auxiliary model sized for `backbone`."""
         enc, tok = _load_encoder(encoder)
         config = AuxConfig(
@@ -191,7 +191,7 @@ class SoftThoughtAux(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, backbone: Backbone | None = None, expected_fingerprint: str | None = None
-    ) -> "SoftThoughtAux":
+    ) -> SoftThoughtAux:
         """Load a checkpoint; refuse it with a CheckpointError that names the problem if it does not fit.
 
         With `backbone` (or `expected_fingerprint`), a checkpoint trained against another backbone is refused.

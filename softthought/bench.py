@@ -8,6 +8,7 @@ the same run, so they compare like with like on whatever machine runs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -157,9 +158,9 @@ async def server_overhead(client, pipe: Pipeline, model: str, repeats: int = 5, 
             http.append(await http_nonstreaming(client, body))
             local.append(run_in_process(pipe, build_chat_prompt(pipe.backbone.tokenizer, msgs), max_tokens))
         assert http[0].completion_tokens == local[0].completion_tokens, "server and in-process runs differ"
-        h, l = _median([t.latency_s for t in http]), _median([t.latency_s for t in local])
-        results[str(max_tokens)] = {"completion_tokens": local[0].completion_tokens, "http_latency_s": h,
-                                    "in_process_latency_s": l, "http/in_process": h / l}
+        remote, here = _median([t.latency_s for t in http]), _median([t.latency_s for t in local])
+        results[str(max_tokens)] = {"completion_tokens": local[0].completion_tokens, "http_latency_s": remote,
+                                    "in_process_latency_s": here, "http/in_process": remote / here}
     return results
 
 
@@ -170,10 +171,8 @@ def process_tree_rss_mb(pid: int) -> float:
     root = psutil.Process(pid)
     total = 0
     for p in [root, *root.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # a worker may exit while we look
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total / 2**20
 
 
@@ -248,9 +247,9 @@ async def under_load(client, model: str, background: int = 8, probes: int = 3) -
         await asyncio.sleep(0.3)
     still_running = sum(not t.done() for t in tasks)
     await asyncio.gather(*tasks)
-    i, l = _median(idle), _median(loaded)
-    return {"background_streams": background, "still_running_at_end": still_running, "idle_ttft_s": i,
-            "loaded_ttft_s": l, "loaded/idle": l / i}
+    quiet, busy = _median(idle), _median(loaded)
+    return {"background_streams": background, "still_running_at_end": still_running, "idle_ttft_s": quiet,
+            "loaded_ttft_s": busy, "loaded/idle": busy / quiet}
 
 
 # ------------------------------------------------------------------------------------------ report

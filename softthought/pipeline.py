@@ -3,9 +3,9 @@ benchmarks and evaluation. The server splits the same pieces across Ray Serve de
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ class Pipeline:
     @classmethod
     def load(
         cls, backbone: str | None = None, aux: str | Path | None = None, dtype: str = "bfloat16", max_batch_size: int = 16
-    ) -> "Pipeline":
+    ) -> Pipeline:
         bb = load_backbone(backbone, dtype=dtype)
         model = None
         if aux is not None:

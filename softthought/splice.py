@@ -7,15 +7,15 @@ added to the backbone's vocabulary. The marker itself never reaches the tokenize
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
 #: Placeholder rendered into the template where the thoughts go. Not a token of any vocabulary.
 THOUGHT_MARKER = "\u2063<softthought-thoughts>\u2063"
 
-Segment = Union[list[int], torch.Tensor]  # token ids, or soft thoughts [K, hidden]
+Segment = list[int] | torch.Tensor  # token ids, or soft thoughts [K, hidden]
 
 
 class PromptError(ValueError):

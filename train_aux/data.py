@@ -120,8 +120,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def teacher_answers(prompts: list[str], backbone: str | None, max_tokens: int, batch: int) -> list[dict]:
     """The frozen backbone's own greedy answers with no summary: the base that edits start from."""
-    from softthought.pipeline import Pipeline
     from softthought.generation import SamplingParams
+    from softthought.pipeline import Pipeline
     from softthought.splice import build_chat_prompt
 
     pipe = Pipeline.load(backbone, dtype="bfloat16", max_batch_size=batch)

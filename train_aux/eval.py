@@ -93,7 +93,8 @@ def load_task(name: str, n: int, seed: int) -> list[dict]:
     root = shared_data()
     items = []
     if name == "hellaswag":
-        lines = bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt").read().splitlines()
+        with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt") as f:
+            lines = f.read().splitlines()
         for i in range(0, len(lines) - 5, 6):
             items.append({"context": lines[i], "choices": [" " + e for e in lines[i + 2 : i + 6]], "gold": int(lines[i + 1])})
     elif name == "arc_easy":

@@ -20,7 +20,7 @@ from softthought.backbone import load_backbone
 from softthought.splice import build_chat_prompt, with_system_text
 
 from .data import read_jsonl
-from .train import Examples, lr_factor, TrainConfig, target_loss
+from .train import Examples, TrainConfig, lr_factor, target_loss
 
 
 def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_dir: Path, seed: int,
@@ -42,7 +42,6 @@ def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_
     cfg = TrainConfig(steps=steps, warmup_steps=min(20, steps // 5 + 1))
     examples = Examples(read_jsonl(data_dir / "train_users.jsonl"), read_jsonl(data_dir / "answers.jsonl"), seed)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a")
     t0 = time.perf_counter()
     for step in tqdm(range(steps), desc=f"finetune/{mode}", unit="step"):
         for g in optimizer.param_groups:
@@ -55,8 +54,8 @@ def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if (step + 1) % 10 == 0:
-            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
-            log.flush()
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps({"step": step + 1, "loss": loss.item(), "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
     if mode == "lora":
         model = model.merge_and_unload()
     model.eval()

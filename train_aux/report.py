@@ -55,9 +55,9 @@ def collect(args) -> dict:
         if not (ft_dir / "config.json").exists():
             finetune(mode, ft_dir, steps, 8, 2e-4 if mode == "lora" else 2e-5, data, args.seed, None, "float32", 96)
         ft = load_backbone(str(ft_dir), dtype="bfloat16")
-        res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda: personalization(
+        res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
             ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")))
-        res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda: general(
+        res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
             ft, None, users[: args.max_users], TASKS, args.n, args.seed))
     return res
 
@@ -79,8 +79,10 @@ def rows(res: dict) -> list[dict]:
         {"system": "frozen backbone, no summary", "pers": pers(res["pers"]["none"]), "gen": gen(res["gen"], "plain")},
         {"system": "frozen backbone, summary as text", "pers": pers(res["pers"]["text"]), "gen": gen(res["gen"], "text")},
         {"system": "frozen backbone + soft thoughts (softthought)", "pers": pers(res["pers"]["soft"]), "gen": gen(res["gen"], "soft")},
-        {"system": "LoRA fine-tuned backbone, summary as text", "pers": pers(res["pers_lora"]["text"]), "gen": gen(res["gen_lora"], "plain")},
-        {"system": "fully fine-tuned backbone, summary as text", "pers": pers(res["pers_full"]["text"]), "gen": gen(res["gen_full"], "plain")},
+        {"system": "LoRA fine-tuned backbone, summary as text", "pers": pers(res["pers_lora"]["text"]),
+         "gen": gen(res["gen_lora"], "plain")},
+        {"system": "fully fine-tuned backbone, summary as text", "pers": pers(res["pers_full"]["text"]),
+         "gen": gen(res["gen_full"], "plain")},
     ]
 
 
@@ -123,10 +125,12 @@ def render(res: dict) -> str:
     ids = sorted(p["soft"]["per_instruction"])
     lines += ["", "## Personalization per preference (% of checks passed)", "",
               "| check | n | none | text | soft | LoRA + text | full FT + text |", "|---|---|---|---|---|---|---|"]
+    def cell(block, i):
+        return f"{100 * block['per_instruction'].get(i, {'pass_rate': float('nan')})['pass_rate']:.0f}"
+
     for i in ids:
-        cell = lambda block: f"{100 * block['per_instruction'].get(i, {'pass_rate': float('nan')})['pass_rate']:.0f}"
-        lines.append(f"| `{i}` | {p['soft']['per_instruction'][i]['n']} | {cell(p['none'])} | {cell(p['text'])} | "
-                     f"{cell(p['soft'])} | {cell(res['pers_lora']['text'])} | {cell(res['pers_full']['text'])} |")
+        lines.append(f"| `{i}` | {p['soft']['per_instruction'][i]['n']} | {cell(p['none'], i)} | {cell(p['text'], i)} | "
+                     f"{cell(p['soft'], i)} | {cell(res['pers_lora']['text'], i)} | {cell(res['pers_full']['text'], i)} |")
     lines += ["", f"Mean prompt length: text {p['text']['mean_prompt_tokens']:.0f} positions, soft "
               f"{p['soft']['mean_prompt_tokens']:.0f} (K thoughts counted), none {p['none']['mean_prompt_tokens']:.0f}.",
               "", "![results](results.png)", ""]

@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
-    log = open(out / "log.jsonl", "a")
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to through the whole run, closed at its end
     log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
                           "trainable_params": sum(p.numel() for p in aux.trainable_parameters())}) + "\n")
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data / "train_users.jsonl", data / "answers.jsonl"),

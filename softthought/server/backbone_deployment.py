@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 import torch

@@ -5,7 +5,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,7 +76,7 @@ async def _parse(request: Request, model: type):
     try:
         data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise oai.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json")
+        raise oai.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise oai.APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -86,10 +86,11 @@ async def _parse(request: Request, model: type):
         param = ".".join(str(p) for p in err["loc"]) or None
         if err["type"] == "extra_forbidden":
             raise oai.APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                               code="unsupported_parameter")
+                               code="unsupported_parameter") from None
         if err["type"] == "missing":
-            raise oai.APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-        raise oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value")
+            raise oai.APIError(400, f"Missing required parameter: '{param}'.", param=param,
+                               code="missing_required_parameter") from None
+        raise oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
@@ -242,12 +243,12 @@ class Ingress:
                     texts[i] += item["delta"]
                     if "finish_reason" in item:
                         reasons[i] = item["finish_reason"]
-                        completion += item["completion_tokens"] if "completion_tokens" in item else 0
+                        completion += item.get("completion_tokens", 0)
                         if item.get("error"):
                             raise oai.APIError(500, item["error"], code="backbone_error")
         except TimeoutError:
             raise oai.APIError(504, f"The request did not finish within {self.config.request_timeout_s} s.",
-                               code="timeout", type="timeout")
+                               code="timeout", type="timeout") from None
         finally:
             await merged.aclose()
         timing.done(completion)
@@ -350,7 +351,7 @@ class Ingress:
             version = await asyncio.to_thread(validate_checkpoint, body.checkpoint, backbone)
         except CheckpointError as exc:
             raise oai.APIError(400, f"Checkpoint refused, the current one keeps serving: {exc}", param="checkpoint",
-                               code="invalid_checkpoint")
+                               code="invalid_checkpoint") from None
         if version != before["version"]:
             await asyncio.to_thread(apply_checkpoint, serve.get_replica_context().app_name, body.checkpoint)
             deadline = time.monotonic() + self.config.request_timeout_s

@@ -63,7 +63,7 @@ class ServerProcess:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.start()
         return self
 

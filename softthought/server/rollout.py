@@ -9,8 +9,6 @@ version). This is what `serve deploy` does with an edited config file.
 
 from __future__ import annotations
 
-import time
-
 from ..aux_model import CheckpointError, SoftThoughtAux
 
 AUX_DEPLOYMENT = "Aux"

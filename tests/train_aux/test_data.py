@@ -1,5 +1,5 @@
-import re
 import random
+import re
 
 from train_aux.checks import CHECK_IDS, check_all
 from train_aux.data import edit_answer, prompt_pool, whole_sentences
