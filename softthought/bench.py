@@ -50,6 +50,10 @@ PROMPTS = ["Explain how a refrigerator keeps food cold.", "What should I pack fo
            "How can I help my kids with homework?", "What is a good way to start running?",
            "Tell me about the history of jazz.", "How do vaccines work?"]
 LONG_TEXT_PROMPT = "Here is a list of numbers: 1, 2, 3, 4, 5, 6, 7,"  # a raw continuation that runs long
+# Requests that run to max_tokens: throughput comparisons then measure batching, not where replies happen to end.
+STORY_PROMPTS = [f"Write a long, detailed story about {t}." for t in
+                 ("a dragon who bakes bread", "a lighthouse keeper", "a robot gardener", "a lost violin", "a city under the sea",
+                  "a talking owl", "a winter market", "a time-travelling cat")]
 
 
 def summary_of(tokenizer, n_tokens: int) -> str:
@@ -176,7 +180,7 @@ def process_tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-async def batching(client, model: str, levels=(1, 2, 4, 8, 16), max_tokens: int = 64, rounds: int = 2) -> dict:
+async def batching(client, model: str, levels=(1, 2, 4, 8, 16), max_tokens: int = 64, rounds: int = 3) -> dict:
     """Aggregate tokens/s and TTFT at each concurrency: all requests from one user vs all from different users."""
     summaries = [f"{SUMMARY_SENTENCES[i % len(SUMMARY_SENTENCES)]} Reader number {i}." for i in range(max(levels))]
     for s in summaries:  # warm the thought cache: this section measures the backbone's batching
@@ -188,7 +192,7 @@ async def batching(client, model: str, levels=(1, 2, 4, 8, 16), max_tokens: int 
         for mode in ("one_user", "different_users"):
             tokens, wall, ttfts = 0, 0.0, []
             for _ in range(rounds):
-                bodies = [{"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                bodies = [{"model": model, "messages": [{"role": "user", "content": STORY_PROMPTS[i % len(STORY_PROMPTS)]}],
                            "max_tokens": max_tokens, "temperature": 0,
                            "preference_summary": summaries[0] if mode == "one_user" else summaries[i]} for i in range(c)]
                 start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`softthought` console script: chat, aux-init, serve, bench."""
+"""`softthought` console script: chat, aux-init, serve, rollout, bench."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -45,7 +46,12 @@ class BackboneDeployment:
         }
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Stream of dicts: first {"error"} or {"prompt_tokens"}, then one {"delta", ...} per engine step."""
+        """Stream of dicts: first {"error"} or {"prompt_tokens"}, then {"delta", "batch_sizes", ...} items; the last
+        one has "finish_reason", "completion_tokens" and "ttft_s" (engine admission to first token).
+
+        Tokens already produced are coalesced into one item, and a non-streaming request ("stream": false) gets
+        only the final item: per-token messages through Ray would cost the cores the matmuls need.
+        """
         try:
             thoughts = request.get("thoughts")
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
@@ -66,13 +72,26 @@ class BackboneDeployment:
             yield {"error": str(exc)}
             return
         self._wake.set()
+        added = time.perf_counter()
         yield {"prompt_tokens": prompt.num_tokens}
-        finished = False
+        stream = request.get("stream", True)
+        finished, first, pending = False, None, {"delta": "", "batch_sizes": []}
         try:
             while not finished:
-                item = await queue.get()
-                finished = "finish_reason" in item
-                yield item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                first = first or time.perf_counter()
+                for item in items:
+                    pending["delta"] += item.pop("delta")
+                    pending["batch_sizes"].append(item.pop("batch_size"))
+                    pending.update(item)
+                finished = "finish_reason" in pending
+                if finished:
+                    pending["ttft_s"] = first - added
+                if finished or stream:
+                    yield pending
+                    pending = {"delta": "", "batch_sizes": []}
         finally:
             self._subscribers.pop(rid, None)
             if not finished:  # the client went away: free the batch slot
@@ -106,4 +125,4 @@ class BackboneDeployment:
     def _fail_all(self) -> None:
         self.engine = Engine(self.backbone, max_batch_size=self.engine.max_batch_size)
         for rid in list(self._subscribers):
-            self._publish(rid, {"delta": "", "finish_reason": "error", "error": "the backbone failed on this batch"})
+            self._publish(rid, {"delta": "", "batch_size": 0, "finish_reason": "error", "error": "the backbone failed on this batch"})

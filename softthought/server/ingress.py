@@ -102,7 +102,7 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
             async for item in stream:
                 await queue.put((i, item))
         except Exception as exc:  # a replica died mid-stream
-            await queue.put((i, {"delta": "", "finish_reason": "error", "error": str(exc)}))
+            await queue.put((i, {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": str(exc)}))
         finally:
             await queue.put((i, None))
 
@@ -133,11 +133,14 @@ class _Timing:
         self.arrival = arrival
         self.first: float | None = None
 
+    def first_token(self, at: float) -> None:
+        if self.first is None:
+            self.first = at
+            metrics.TTFT.observe(at - self.arrival)
+
     def token(self, item: dict) -> None:
-        if self.first is None and item["delta"]:
-            self.first = time.perf_counter()
-            metrics.TTFT.observe(self.first - self.arrival)
-        metrics.BATCH_SIZE.observe(item.get("batch_size", 1))
+        for size in item["batch_sizes"]:
+            metrics.BATCH_SIZE.observe(size)
 
     def done(self, completion_tokens: int) -> None:
         metrics.COMPLETION_TOKENS.inc(completion_tokens)
@@ -228,14 +231,16 @@ class Ingress:
         max_tokens = self._check_request(req)
         thoughts, ext = await self._personalization(req)
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
-        streams, prompt_tokens = await self._start(req, {**payload, "thoughts": thoughts}, max_tokens, request_id)
+        dispatched = time.perf_counter()
+        payload = {**payload, "thoughts": thoughts, "stream": req.stream}
+        streams, prompt_tokens = await self._start(req, payload, max_tokens, request_id)
         metrics.PROMPT_TOKENS.inc(prompt_tokens * req.n)
         timing = _Timing(arrival)
         merged = _merge(streams)
         if req.stream:
             gen = self._stream(req, merged, request_id, chat, ext, prompt_tokens, timing)
             return StreamingResponse(gen, media_type="text/event-stream")
-        texts, reasons, completion = [""] * req.n, [None] * req.n, 0
+        texts, reasons, completion, ttfts = [""] * req.n, [None] * req.n, 0, []
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 async for i, item in merged:
@@ -246,11 +251,13 @@ class Ingress:
                         completion += item.get("completion_tokens", 0)
                         if item.get("error"):
                             raise oai.APIError(500, item["error"], code="backbone_error")
+                        ttfts.append(item["ttft_s"])
         except TimeoutError:
             raise oai.APIError(504, f"The request did not finish within {self.config.request_timeout_s} s.",
                                code="timeout", type="timeout") from None
         finally:
             await merged.aclose()
+        timing.first_token(dispatched + min(ttfts))  # measured where the first token appeared
         timing.done(completion)
         build = oai.chat_completion if chat else oai.text_completion
         return JSONResponse(build(request_id, req.model, list(zip(texts, reasons)), prompt_tokens, completion, ext))
@@ -274,6 +281,8 @@ class Ingress:
                     yield _sse(chunk(i, role=True, extension=ext if i == 0 else None))
             async for i, item in merged:
                 timing.token(item)
+                if item["delta"]:
+                    timing.first_token(time.perf_counter())
                 if item.get("error"):
                     yield _sse(oai.APIError(500, item["error"], code="backbone_error").body())
                     return
