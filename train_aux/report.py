@@ -49,7 +49,7 @@ def collect(args) -> dict:
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed))
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=True))
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text))
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         if not (ft_dir / "config.json").exists():
@@ -58,7 +58,7 @@ def collect(args) -> dict:
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
             ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")))
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
-            ft, None, users[: args.max_users], TASKS, args.n, args.seed))
+            ft, None, users[: args.max_users], TASKS, args.ft_n or args.n, args.seed))
     return res
 
 
@@ -73,7 +73,9 @@ def rows(res: dict) -> list[dict]:
                 100 * block["all_pass_rate_se"], block["n_checks"], block["n_responses"])
 
     def gen(block, key):
-        return {t: (block[t][key]["acc_norm"], block[t][key]["acc_norm_se"], block[t]["n"]) for t in TASKS}
+        missing = (float("nan"), float("nan"), 0)  # a condition that was not run (e.g. --no-general-text)
+        return {t: (block[t][key]["acc_norm"], block[t][key]["acc_norm_se"], block[t]["n"]) if key in block[t] else missing
+                for t in TASKS}
 
     return [
         {"system": "frozen backbone, no summary", "pers": pers(res["pers"]["none"]), "gen": gen(res["gen"], "plain")},
@@ -111,6 +113,8 @@ def render(res: dict) -> str:
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
     for cond, label in (("soft", "soft thoughts (paired)"), ("text", "summary as text (paired)")):
+        if f"{cond}_minus_plain" not in g[TASKS[0]]:
+            continue
         diffs = [g[t][f"{cond}_minus_plain"]["acc_norm"] for t in TASKS]
         mean = sum(d["diff"] for d in diffs) / len(diffs)
         lines.append(f"| {label} | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs) + f" | {mean:+.2f} |")
@@ -168,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--runs", default="runs", help="where the fine-tuned baselines are (or get) trained")
     ap.add_argument("--n", type=int, default=1000, help="items per general-ability task")
+    ap.add_argument("--ft-n", type=int, help="items per task for the fine-tuned baselines (default: --n)")
+    ap.add_argument("--no-general-text", dest="general_text", action="store_false",
+                    help="skip scoring general ability with the summary written as text")
     ap.add_argument("--pairs-per-user", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-users", type=int, default=8)

@@ -25,7 +25,8 @@ class BackboneDeployment:
     def __init__(self, backbone: str | None = None, dtype: str = "bfloat16", max_batch_size: int = 16,
                  max_prompt_tokens: int = 4096, threads: int | None = None, device: str = "auto") -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the engine should use the cores it was given.
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self._threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self._threads)
         if device == "auto":  # a replica placed with num_gpus sees its GPU through CUDA_VISIBLE_DEVICES
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(backbone, dtype=dtype, device=device)
@@ -98,6 +99,8 @@ class BackboneDeployment:
                 self.engine.abort(rid)
 
     def _run_engine(self) -> None:
+        # OpenMP's thread count is per thread: without this the engine thread keeps Ray's OMP_NUM_THREADS.
+        torch.set_num_threads(self._threads)
         while True:
             self._wake.wait()
             self._wake.clear()  # cleared before looking for work, so an add() after this is never missed
