@@ -190,20 +190,21 @@ def chat_completion(id: str, model: str, choices: list[tuple[str, str]], prompt_
     }
 
 
-def chat_chunk(id: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
-               with_usage_field: bool, extension: dict | None = None) -> dict:
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+def _chunk(id: str, obj: str, model: str, created: int, choice: dict, with_usage_field: bool,
+           extension: dict | None) -> dict:
+    """One SSE chunk; `usage: null` appears on every chunk when the client asked for a usage chunk."""
+    chunk: dict[str, Any] = {"id": id, "object": obj, "created": created, "model": model, "choices": [choice]}
     if with_usage_field:
         chunk["usage"] = None
     if extension is not None:
         chunk["softthought"] = extension
     return chunk
+
+
+def chat_chunk(id: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
+               with_usage_field: bool, extension: dict | None = None) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk(id, "chat.completion.chunk", model, created, choice, with_usage_field, extension)
 
 
 def text_completion(id: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
@@ -222,15 +223,5 @@ def text_completion(id: str, model: str, choices: list[tuple[str, str]], prompt_
 
 def text_chunk(id: str, model: str, created: int, index: int, text: str, finish_reason: str | None,
                with_usage_field: bool, extension: dict | None = None) -> dict:
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if with_usage_field:
-        chunk["usage"] = None
-    if extension is not None:
-        chunk["softthought"] = extension
-    return chunk
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk(id, "text_completion", model, created, choice, with_usage_field, extension)
