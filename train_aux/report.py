@@ -100,16 +100,18 @@ def render(res: dict) -> str:
         "(identical before and after training).", "",
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
-        "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does), the same "
-        f"items for every system, user summaries assigned round-robin over {g['n_users']} users. ± is one standard error.", "",
+        "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "
+        f"items of one seeded shuffle per task (a smaller n is a subset of a larger one), user summaries assigned round-robin "
+        f"over {g['n_users']} users. ± is one standard error.", "",
         "| system | checks passed (%) | responses passing all checks (%) | "
         + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
         "|---|---|---|" + "---|" * len(TASKS),
     ]
     for r in table:
         cp, cse, ap, ase, nc, nr = r["pers"]
-        lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | "
-                     + " | ".join(f"{_pm(r['gen'][t][0], r['gen'][t][1])} (n={r['gen'][t][2]})" for t in TASKS) + " |")
+        general = [f"{_pm(r['gen'][t][0], r['gen'][t][1])} (n={r['gen'][t][2]})" if r["gen"][t][2] else "not run"
+                   for t in TASKS]
+        lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | " + " | ".join(general) + " |")
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
     for cond, label in (("soft", "soft thoughts (paired)"), ("text", "summary as text (paired)")):
