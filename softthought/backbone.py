@@ -61,11 +61,6 @@ class Backbone:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        """The backbone's own input embeddings of `ids`, shape [len(ids), hidden]."""
-        table = self.model.get_input_embeddings()
-        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
-
 
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over parameter names and values rounded to bf16.

@@ -134,10 +134,6 @@ class Engine:
         with self._lock:
             self._aborted.add(request_id)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
-
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 

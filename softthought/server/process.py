@@ -62,10 +62,3 @@ class ServerProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def __enter__(self) -> ServerProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
