@@ -47,8 +47,9 @@ def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_
         for g in optimizer.param_groups:
             g["lr"] = lr * lr_factor(step, cfg)
         batch = [examples.sample() for _ in range(batch_size)]
-        prompts = [build_chat_prompt(tok, with_system_text(tok, [{"role": "user", "content": p}], s)) for s, p, _ in batch]
-        loss, _ = target_loss(model, model.get_input_embeddings(), tok, prompts, [t for _, _, t in batch], max_target)
+        prompts = [build_chat_prompt(tok, with_system_text(tok, [{"role": "user", "content": ex.prompt}], ex.summary))
+                   for ex in batch]
+        loss, _ = target_loss(model, model.get_input_embeddings(), tok, prompts, [ex.target for ex in batch], max_target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -7,7 +7,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from train_aux.data import write_jsonl
 from train_aux.eval import general, load_task, personalization
-from train_aux.train import load_config, train
+from train_aux.train import edited_chars, load_config, target_loss, train
 from train_aux.users import make_users
 
 
@@ -22,13 +22,14 @@ def data_dir(tmp_path):
 
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
     cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
-                                 num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1))
+                                 num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
+                                 probe_weight=0.5))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
-    aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)
+    aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
     assert aux.config.metadata["steps"] == 3 and aux.config.metadata["data_hash"]
     # resume: continuing to 5 steps starts from step 3's state
     cfg5 = cfg.model_copy(update={"steps": 5})
@@ -36,6 +37,30 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     starts = [e for e in events if e.get("event") == "start"]
     assert starts[-1]["step"] == 3
+
+
+def test_edited_chars_mark_what_the_edit_wrote():
+    def marked(source, target):
+        return "".join(c if f else "_" for c, f in zip(target, edited_chars(source, target)))
+
+    assert marked("The sea is big.", "the sea is big.") == "t" + "_" * 14
+    assert marked("Hi there.", "Hi there. Cheers!") == "_" * 9 + " Cheers!"
+    assert marked("Red, blue.", "Red blue.") == "___" + " " + "_" * 5  # the token after a removed comma
+    assert marked("Same.", "Same.") == "_____"
+
+
+def test_edit_weight_moves_the_loss_toward_edited_tokens(tiny):
+    from softthought.splice import build_chat_prompt
+
+    table, tok = tiny.model.get_input_embeddings(), tiny.tokenizer
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": "Hi"}])] * 2
+    targets, sources = ["The sea. Cheers!", "A cat sat."], ["The sea.", "A cat sat."]
+    with torch.no_grad():
+        plain, n = target_loss(tiny.model, table, tok, prompts, targets, 32)
+        same, _ = target_loss(tiny.model, table, tok, prompts, targets, 32, sources, edit_weight=1.0)
+        heavy, _ = target_loss(tiny.model, table, tok, prompts, targets, 32, sources, edit_weight=50.0)
+    assert torch.allclose(plain, same) and n > 0
+    assert not torch.allclose(plain, heavy)
 
 
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
