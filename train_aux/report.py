@@ -27,9 +27,10 @@ TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
 
 
-def _run(path: Path, rerun: bool, fn) -> dict:
-    if rerun or not path.exists():
-        result = fn()
+def _run(path: Path, rerun: bool, fn, aux_version: str | None = None) -> dict:
+    """A cached evaluation, run again when asked, when missing, or when it scored another aux checkpoint."""
+    if rerun or not path.exists() or json.loads(path.read_text()).get("aux_version") != aux_version:
+        result = {**fn(), "aux_version": aux_version}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
     return json.loads(path.read_text())
@@ -47,9 +48,9 @@ def collect(args) -> dict:
     aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=backbone).eval()
     res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
-        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed))
+        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version)
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text))
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text), aux.version)
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         if not (ft_dir / "config.json").exists():
@@ -88,6 +89,14 @@ def rows(res: dict) -> list[dict]:
     ]
 
 
+def _objective(cfg: dict) -> str:
+    """How the shipped aux was trained, and how the fine-tuned baselines were (they share the data, not the loss)."""
+    return (f"Training: cross-entropy on the backbone's own answers edited to satisfy each user's checks, the tokens the "
+            f"edit changed weighted x{cfg.get('edit_weight', 1.0):g}, plus a preference probe on the thoughts (weight "
+            f"{cfg.get('probe_weight', 0.0):g}); the fine-tuned baselines use the same examples with plain cross-entropy "
+            "and the summary as text.")
+
+
 def render(res: dict) -> str:
     table = rows(res)
     p, g = res["pers"], res["gen"]
@@ -97,7 +106,8 @@ def render(res: dict) -> str:
         "Regenerate with `python -m train_aux.report` (see its `--help`). Backbone: embedded SmolLM2-135M-Instruct, bf16.",
         f"Auxiliary checkpoint `{meta['version']}`: K={meta['num_thoughts']}, trained {meta.get('steps', '?')} steps on "
         f"data `{meta.get('data_hash', '?')}`, backbone fingerprint `{meta.get('backbone_fingerprint', '?')}` "
-        "(identical before and after training).", "",
+        "(identical before and after training).",
+        _objective(meta.get("train_config", {})), "",
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
         "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "

@@ -1,4 +1,4 @@
-from train_aux.report import TASKS, plot, render
+from train_aux.report import TASKS, _run, plot, render
 
 
 def _pers(rate):
@@ -22,7 +22,8 @@ def _gen(base, with_conditions):
 
 def test_render_and_plot(tmp_path):
     res = {
-        "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 400, "data_hash": "d", "backbone_fingerprint": "f"},
+        "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 400, "data_hash": "d", "backbone_fingerprint": "f",
+                     "train_config": {"edit_weight": 5.0, "probe_weight": 0.5}},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
         "gen": _gen(45.0, True),
         "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False),
@@ -30,6 +31,21 @@ def test_render_and_plot(tmp_path):
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
+    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5)" in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"score": len(calls)}
+
+    path = tmp_path / "r.json"
+    assert _run(path, False, evaluate, "v1")["score"] == 1
+    assert _run(path, False, evaluate, "v1")["score"] == 1  # cached
+    assert _run(path, False, evaluate, "v2") == {"score": 2, "aux_version": "v2"}  # another aux: scored again
+    assert _run(path, True, evaluate, "v2")["score"] == 3  # --rerun
