@@ -47,6 +47,12 @@ def prompt_pool(seed: int = 0) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+def raw_texts() -> list[str]:
+    """Plain text for the preservation term (passages with a question and "Answer:", as BoolQ's lm-eval prompt
+    has them): not the general-ability benchmarks, and never in a chat template."""
+    return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
+
+
 def whole_sentences(text: str) -> str:
     """Cut a reply that hit max_tokens back to its last complete sentence."""
     text = text.strip()

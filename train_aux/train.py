@@ -4,7 +4,9 @@ Targets are the frozen backbone's own answers, minimally edited to satisfy each 
 preferences (and kept only if IFEval's verifiers pass). The student is the same backbone reading K soft
 thoughts of the user's summary instead of any text; the loss is cross-entropy on the target tokens, with the
 tokens the edit changed weighted up (`edit_weight`), plus an optional probe loss that asks the thoughts to say
-which preferences the summary holds (`probe_weight`).
+which preferences the summary holds (`probe_weight`), plus an optional preservation term: the KL divergence from
+the plain backbone's next-token distributions to those with the thoughts as a prefix of plain text, so that
+thoughts speak to the chat reply and leave the backbone's general ability alone (`preserve_weight`).
 
     python -m train_aux.train --config train_aux/configs/default.yaml [--steps N --out DIR ...]
 """
@@ -32,7 +34,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
 
-from .data import edit_answer, read_jsonl
+from .data import edit_answer, raw_texts, read_jsonl
 
 
 class TrainConfig(BaseModel):
@@ -58,6 +60,11 @@ class TrainConfig(BaseModel):
     # Weight of a multi-label probe (linear, training only) that must read the user's check ids off the mean
     # thought: it keeps users' thoughts apart while the backbone learns to use them.
     probe_weight: float = 0.0
+    # Weight of KL(plain backbone || backbone with the thoughts before the text) on plain text: that is how the
+    # general-ability benchmarks are scored, and what strongly personalizing thoughts otherwise disturb.
+    preserve_weight: float = 0.0
+    preserve_batch: int = 4
+    preserve_tokens: int = 96
     grad_clip: float = 1.0
     log_every: int = 10
     save_every: int = 100
@@ -148,9 +155,28 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
     return (per_token * w).sum() / w.sum(), sum(len(t) for t in target_ids)
 
 
+def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[list[int]]) -> torch.Tensor:
+    """Mean per-token KL(plain || with thoughts) over token sequences of plain text, thoughts[i] before texts[i]."""
+    table = backbone.model.get_input_embeddings()
+    plain = [table(torch.tensor(ids)) for ids in texts]
+    with torch.no_grad():
+        embeds, mask, positions = left_pad(plain)
+        reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    embeds, mask, positions = left_pad([torch.cat([th.to(e.dtype), e]) for th, e in zip(thoughts, plain)])
+    student = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    total = 0.0
+    for i, ids in enumerate(texts):  # left padding: each text's positions are the last len(ids) of its row
+        ref = F.log_softmax(reference[i, -len(ids):].float(), dim=-1)
+        out = F.log_softmax(student[i, -len(ids):].float(), dim=-1)
+        total = total + F.kl_div(out, ref, log_target=True, reduction="batchmean")
+    return total / len(texts)
+
+
 def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig,
-               probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None) -> tuple[torch.Tensor, int]:
-    """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's, if given)."""
+               probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None,
+               texts: list[list[int]] | None = None) -> tuple[torch.Tensor, int]:
+    """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's and the
+    preservation term on `texts`, if given)."""
     tok = backbone.tokenizer
     thoughts = aux.encode([ex.summary for ex in batch])
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th) for ex, th in zip(batch, thoughts)]
@@ -160,6 +186,8 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     if probe is not None:
         labels = torch.tensor([[float(c in ex.check_ids) for c in check_ids] for ex in batch])
         loss = loss + cfg.probe_weight * F.binary_cross_entropy_with_logits(probe(thoughts.mean(1)), labels)
+    if texts:
+        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts)
     return loss, n_tokens
 
 
@@ -209,6 +237,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     examples = Examples(users, answers, cfg.seed)
+    texts = []
+    if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: the question and "Answer:" end it
+        texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw_texts(), add_special_tokens=False)["input_ids"]]
     start = 0
     if state:
         if probe is not None:
@@ -228,7 +259,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             g["lr"] = base * lr_factor(step, cfg)
-        loss, n_tokens = batch_loss(backbone, aux, [examples.sample() for _ in range(cfg.batch_size)], cfg, probe, check_ids)
+        batch = [examples.sample() for _ in range(cfg.batch_size)]
+        preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts else None
+        loss, n_tokens = batch_loss(backbone, aux, batch, cfg, probe, check_ids, preserve)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)

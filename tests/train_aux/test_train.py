@@ -7,7 +7,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from train_aux.data import write_jsonl
 from train_aux.eval import general, load_task, personalization
-from train_aux.train import edited_chars, load_config, target_loss, train
+from train_aux.train import edited_chars, load_config, preservation_loss, target_loss, train
 from train_aux.users import make_users
 
 
@@ -23,7 +23,7 @@ def data_dir(tmp_path):
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
     cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
                                  num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
-                                 probe_weight=0.5))
+                                 probe_weight=0.5, preserve_weight=1.0, preserve_batch=2, preserve_tokens=16))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
@@ -61,6 +61,16 @@ def test_edit_weight_moves_the_loss_toward_edited_tokens(tiny):
         heavy, _ = target_loss(tiny.model, table, tok, prompts, targets, 32, sources, edit_weight=50.0)
     assert torch.allclose(plain, same) and n > 0
     assert not torch.allclose(plain, heavy)
+
+
+def test_preservation_loss_is_a_kl_that_only_the_thoughts_can_lower(tiny):
+    table = tiny.model.get_input_embeddings()
+    texts = [tiny.tokenizer("Passage: the sea is big.\nAnswer:")["input_ids"], tiny.tokenizer("A cat sat.")["input_ids"]]
+    thoughts = (table.weight[:8].detach().clone().reshape(2, 4, -1) * 3).requires_grad_()
+    loss = preservation_loss(tiny, thoughts, texts)
+    loss.backward()
+    assert loss.item() > 0 and thoughts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.model.parameters())
 
 
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
