@@ -193,7 +193,7 @@ async def batching(client, model: str, levels=(1, 2, 4, 8, 16), max_tokens: int 
             tokens, wall, ttfts = 0, 0.0, []
             for _ in range(rounds):
                 bodies = [{"model": model, "messages": [{"role": "user", "content": STORY_PROMPTS[i % len(STORY_PROMPTS)]}],
-                           "max_tokens": max_tokens, "temperature": 0,
+                           "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,  # equal work per reply
                            "preference_summary": summaries[0] if mode == "one_user" else summaries[i]} for i in range(c)]
                 start = time.perf_counter()
                 done = await asyncio.gather(*(http_chat(client, b) for b in bodies))

@@ -29,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] | None = ()
+    ignore_eos: bool = False  # run to max_tokens (or a stop string) even past end-of-sequence, as vLLM's option
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -220,7 +221,7 @@ class Engine:
     def _advance(self, s: _Sequence, token: int) -> StepOutput:
         s.generated.append(token)
         s.position += 1
-        if token in self.backbone.eos_token_ids:
+        if token in self.backbone.eos_token_ids and not s.params.ignore_eos:
             s.finish_reason = "stop"
         else:
             s.text = self.backbone.tokenizer.decode(s.generated, skip_special_tokens=True)

@@ -64,6 +64,8 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     # softthought extension: a preference summary for this request only (overrides the stored one)
     preference_summary: str | None = None
+    # vLLM's extension: keep generating past end-of-sequence up to max_tokens (benchmarks use it for equal work)
+    ignore_eos: bool = False
     # accepted at their no-op values only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -73,6 +73,13 @@ def test_eos_ends_with_stop_and_is_not_in_the_text(smollm):
     assert r.text == "The capital of France is Paris."
 
 
+def test_ignore_eos_runs_to_max_tokens(smollm):
+    prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[0])
+    r = Engine(smollm).generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    assert (r.finish_reason, r.completion_tokens) == ("length", 40)
+    assert any(t in smollm.eos_token_ids for t in r.token_ids) and r.text.startswith("The capital of France is Paris.")
+
+
 def test_stop_string_truncates_and_ends_with_stop(smollm):
     prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
     engine = Engine(smollm)

@@ -105,6 +105,15 @@ def test_stop_sequence(client):
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
+def test_ignore_eos_extension_runs_to_max_tokens(client):
+    capital = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model="softthought", messages=capital, max_tokens=40, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    full = client.chat.completions.create(model="softthought", messages=capital, max_tokens=40, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+
+
 def test_text_completions_and_streaming(client):
     resp = client.completions.create(model="softthought", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert resp.object == "text_completion" and resp.choices[0].text
