@@ -144,8 +144,8 @@ class BackboneDeployment:
                     self._publish(out.request_id, item)
 
     def _publish(self, request_id: str, item: dict) -> None:
-        """Hand an engine output to its request's event loop: every step for a stream, only the last one otherwise
-        (waking the replica's event loop once per token costs the engine thread the GIL and the cores)."""
+        """Hand an engine output to its request's event loop: every step for a stream; for a non-streaming request,
+        which only needs the result, once at the end (the engine thread gathers the steps in between)."""
         sub = self._subscribers.get(request_id)
         if sub is None:
             return
