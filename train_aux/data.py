@@ -35,22 +35,22 @@ TEMPLATES = [
 ]
 
 
-def prompt_pool(seed: int = 0) -> list[str]:
-    """General questions: topic templates plus BoolQ's questions (BoolQ carries no signal for this backbone
-    and is not one of the general-ability benchmarks, so using its questions leaks nothing)."""
-    prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
-    for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines():
-        q = json.loads(line)["query"].rsplit("Question:", 1)[-1].split("\n")[0].strip()
-        if q:
-            prompts.append(q[0].upper() + q[1:].rstrip("?") + "?")
-    random.Random(seed).shuffle(prompts)
-    return list(dict.fromkeys(prompts))
-
-
 def raw_texts() -> list[str]:
     """Plain text for the preservation term (passages with a question and "Answer:", as BoolQ's lm-eval prompt
     has them): not the general-ability benchmarks, and never in a chat template."""
     return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
+
+
+def prompt_pool(seed: int = 0) -> list[str]:
+    """General questions: topic templates plus BoolQ's questions (BoolQ carries no signal for this backbone
+    and is not one of the general-ability benchmarks, so using its questions leaks nothing)."""
+    prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
+    for text in raw_texts():
+        q = text.rsplit("Question:", 1)[-1].split("\n")[0].strip()
+        if q:
+            prompts.append(q[0].upper() + q[1:].rstrip("?") + "?")
+    random.Random(seed).shuffle(prompts)
+    return list(dict.fromkeys(prompts))
 
 
 def whole_sentences(text: str) -> str:
