@@ -176,19 +176,22 @@ def _paired(a: list[int], b: list[int]) -> dict:
 
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
-            with_text: bool = False) -> dict:
+            with_text: bool = False, plain_items: dict | None = None) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts
     (item i gets user i mod len(users)); with `with_text`, also with the summary written as text. All paired
-    on the same items."""
+    on the same items. `plain_items` ({task: per-item scores} from an earlier report of the same backbone, n and
+    seed) spares scoring the plain backbone again: it does not depend on the aux, and is half the cost."""
     user_thoughts = []
     if aux is not None:
         with torch.inference_mode():
             user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    report = {"n_users": len(users), "seed": seed}
+    report = {"n_users": len(users), "seed": seed, "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
         items = load_task(task, n, seed)
-        plain = score_task(backbone, items, [None] * len(items), f"{task}/plain")
-        entry = {"n": len(items), "plain": _accs(plain)}
+        cached = (plain_items or {}).get(task)
+        plain = [tuple(s) for s in cached] if cached and len(cached) == len(items) else \
+            score_task(backbone, items, [None] * len(items), f"{task}/plain")
+        entry = {"n": len(items), "plain": _accs(plain), "plain_items": [list(s) for s in plain]}
         conditions = {}
         if aux is not None:
             conditions["soft"] = [user_thoughts[i % len(users)] for i in range(len(items))]

@@ -36,6 +36,16 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None) -> dict:
     return json.loads(path.read_text())
 
 
+def _plain_items(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
+    """The plain backbone's per-item scores from an earlier general.json on the same backbone, n and seed."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed:
+        return None
+    return {t: old[t]["plain_items"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_items" in old[t]}
+
+
 def collect(args) -> dict:
     data = Path(args.data_dir)
     users, prompts = read_jsonl(data / "eval_users.jsonl"), [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
@@ -49,8 +59,10 @@ def collect(args) -> dict:
     res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version)
+    plain = None if args.rerun else _plain_items(out / "general.json", backbone.fingerprint, args.n, args.seed)
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text), aux.version)
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
+        plain_items=plain), aux.version)
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         if not (ft_dir / "config.json").exists():
@@ -91,10 +103,12 @@ def rows(res: dict) -> list[dict]:
 
 def _objective(cfg: dict) -> str:
     """How the shipped aux was trained, and how the fine-tuned baselines were (they share the data, not the loss)."""
+    preserve = (f", plus KL(plain backbone || backbone after the thoughts) on plain text (weight "
+                f"{cfg['preserve_weight']:g})" if cfg.get("preserve_weight") else "")
     return (f"Training: cross-entropy on the backbone's own answers edited to satisfy each user's checks, the tokens the "
             f"edit changed weighted x{cfg.get('edit_weight', 1.0):g}, plus a preference probe on the thoughts (weight "
-            f"{cfg.get('probe_weight', 0.0):g}); the fine-tuned baselines use the same examples with plain cross-entropy "
-            "and the summary as text.")
+            f"{cfg.get('probe_weight', 0.0):g}){preserve}; the fine-tuned baselines use the same examples with plain "
+            "cross-entropy and the summary as text.")
 
 
 def render(res: dict) -> str:

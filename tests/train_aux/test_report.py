@@ -1,4 +1,6 @@
-from train_aux.report import TASKS, _run, plot, render
+import json
+
+from train_aux.report import TASKS, _plain_items, _run, plot, render
 
 
 def _pers(rate):
@@ -23,7 +25,7 @@ def _gen(base, with_conditions):
 def test_render_and_plot(tmp_path):
     res = {
         "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 400, "data_hash": "d", "backbone_fingerprint": "f",
-                     "train_config": {"edit_weight": 5.0, "probe_weight": 0.5}},
+                     "train_config": {"edit_weight": 5.0, "probe_weight": 0.5, "preserve_weight": 2.0}},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
         "gen": _gen(45.0, True),
         "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False),
@@ -31,7 +33,7 @@ def test_render_and_plot(tmp_path):
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
-    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5)" in md
+    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain backbone" in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
@@ -49,3 +51,16 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
     assert _run(path, False, evaluate, "v1")["score"] == 1  # cached
     assert _run(path, False, evaluate, "v2") == {"score": 2, "aux_version": "v2"}  # another aux: scored again
     assert _run(path, True, evaluate, "v2")["score"] == 3  # --rerun
+
+
+def test_plain_scores_are_reused_only_for_the_same_backbone_n_and_seed(tmp_path):
+    gen = _gen(45.0, True)
+    gen["backbone_fingerprint"] = "fp"
+    for t in TASKS:
+        gen[t]["plain_items"] = [[1, 0]] * 1000
+    gen["piqa"]["n"] = 500  # scored on fewer items: not reusable for n=1000
+    path = tmp_path / "general.json"
+    assert _plain_items(path, "fp", 1000, 0) is None  # nothing yet
+    path.write_text(json.dumps(gen))
+    assert set(_plain_items(path, "fp", 1000, 0)) == set(TASKS) - {"piqa"}
+    assert _plain_items(path, "other", 1000, 0) is None and _plain_items(path, "fp", 1000, 1) is None

@@ -83,6 +83,12 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
     result = general(tiny, aux, users, ["piqa"], 6, 0)
     assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
+    # the plain backbone's per-item scores are reused when given for the same items, and recomputed otherwise
+    wrong = [[1 - a, 1 - b] for a, b in result["piqa"]["plain_items"]]
+    reused = general(tiny, aux, users, ["piqa"], 6, 0, plain_items={"piqa": wrong})
+    assert reused["piqa"]["plain_items"] == wrong and reused["piqa"]["soft"] == result["piqa"]["soft"]
+    again = general(tiny, aux, users, ["piqa"], 6, 0, plain_items={"piqa": wrong[:5]})
+    assert again["piqa"]["plain_items"] == result["piqa"]["plain_items"]
 
 
 def test_benchmark_tasks_load_with_gold_labels():
