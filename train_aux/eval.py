@@ -176,16 +176,22 @@ def _paired(a: list[int], b: list[int]) -> dict:
 
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
-            with_text: bool = False, plain_items: dict | None = None) -> dict:
-    """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts
-    (item i gets user i mod len(users)); with `with_text`, also with the summary written as text. All paired
-    on the same items. `plain_items` ({task: per-item scores} from an earlier report of the same backbone, n and
-    seed) spares scoring the plain backbone again: it does not depend on the aux, and is half the cost."""
+            with_text: bool = False, plain_items: dict | None = None, users_per_item: int = 1) -> dict:
+    """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
+    `with_text`, also with the summary written as text. All paired on the same items. Item i is scored with
+    users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them: a small random
+    perturbation flips near-tied items either way, and averaging over users keeps that noise out of the paired
+    difference (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
+    scores} from an earlier report of the same backbone, n and seed) spares scoring the plain backbone again: it
+    does not depend on the aux."""
     user_thoughts = []
     if aux is not None:
         with torch.inference_mode():
             user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    report = {"n_users": len(users), "seed": seed, "backbone_fingerprint": backbone.fingerprint}
+    if not 1 <= users_per_item <= max(1, len(users)):
+        raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
+    report = {"n_users": len(users), "users_per_item": users_per_item, "seed": seed,
+              "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
         items = load_task(task, n, seed)
         cached = (plain_items or {}).get(task)
@@ -194,11 +200,15 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
         entry = {"n": len(items), "plain": _accs(plain), "plain_items": [list(s) for s in plain]}
         conditions = {}
         if aux is not None:
-            conditions["soft"] = [user_thoughts[i % len(users)] for i in range(len(items))]
+            conditions["soft"] = user_thoughts
         if with_text:
-            conditions["text"] = [users[i % len(users)]["summary"] for i in range(len(items))]
-        for name, prefixes in conditions.items():
-            scored = score_task(backbone, items, prefixes, f"{task}/{name}")
+            conditions["text"] = [u["summary"] for u in users]
+        for name, per_user in conditions.items():
+            rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
+            flat = score_task(backbone, [item for _ in rounds for item in items],
+                              [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}")
+            scored = [tuple(sum(flat[r * len(items) + i][k] for r in rounds) / users_per_item for k in range(2))
+                      for i in range(len(items))]
             entry[name] = _accs(scored)
             entry[f"{name}_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in scored])
                                             for k, m in enumerate(("acc", "acc_norm"))}
@@ -206,7 +216,8 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     return report
 
 
-def _accs(results: list[tuple[int, int]]) -> dict:
+def _accs(results: list[tuple[float, float]]) -> dict:
+    # per-item correctness is fractional when averaged over users; the binomial SE is then an upper bound
     n = len(results)
     acc, norm = sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
     return {"acc": 100 * acc, "acc_se": 100 * _se(acc, n), "acc_norm": 100 * norm, "acc_norm_se": 100 * _se(norm, n)}
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--n", type=int, default=1000)
     g.add_argument("--users", required=True)
     g.add_argument("--max-users", type=int, default=8)
+    g.add_argument("--users-per-item", type=int, default=1, help="score each item with this many users' thoughts, averaged")
     g.add_argument("--with-text", action="store_true", help="also score with the summary written as text")
     for s in (p, g):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
@@ -252,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
                                  conditions)
     else:
-        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed, args.with_text)
+        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed, args.with_text,
+                         users_per_item=args.users_per_item)
     report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
     report["aux_version"] = aux.version if aux is not None else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,11 @@ TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
 
 
-def _run(path: Path, rerun: bool, fn, aux_version: str | None = None) -> dict:
-    """A cached evaluation, run again when asked, when missing, or when it scored another aux checkpoint."""
-    if rerun or not path.exists() or json.loads(path.read_text()).get("aux_version") != aux_version:
+def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings) -> dict:
+    """A cached evaluation, run again when asked, when missing, or when it scored another aux checkpoint or with
+    other `settings` (fields of the result)."""
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if rerun or not cached or cached.get("aux_version") != aux_version or any(cached.get(k) != v for k, v in settings.items()):
         result = {**fn(), "aux_version": aux_version}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
@@ -62,7 +64,7 @@ def collect(args) -> dict:
     plain = None if args.rerun else _plain_items(out / "general.json", backbone.fingerprint, args.n, args.seed)
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
         backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
-        plain_items=plain), aux.version)
+        plain_items=plain, users_per_item=args.users_per_item), aux.version, users_per_item=args.users_per_item)
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         if not (ft_dir / "config.json").exists():
@@ -125,8 +127,9 @@ def render(res: dict) -> str:
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
         "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "
-        f"items of one seeded shuffle per task (a smaller n is a subset of a larger one), user summaries assigned round-robin "
-        f"over {g['n_users']} users. ± is one standard error.", "",
+        f"items of one seeded shuffle per task (a smaller n is a subset of a larger one), each item scored with "
+        f"{g.get('users_per_item', 1)} of {g['n_users']} users' thoughts (round-robin) and averaged over them. "
+        "± is one standard error.", "",
         "| system | checks passed (%) | responses passing all checks (%) | "
         + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
         "|---|---|---|" + "---|" * len(TASKS),
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs-per-user", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-users", type=int, default=8)
+    ap.add_argument("--users-per-item", type=int, default=4,
+                    help="general ability: users whose thoughts score each item, averaged (--max-users for all)")
     ap.add_argument("--lora-steps", type=int, default=200)
     ap.add_argument("--full-steps", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)

@@ -51,6 +51,7 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
     assert _run(path, False, evaluate, "v1")["score"] == 1  # cached
     assert _run(path, False, evaluate, "v2") == {"score": 2, "aux_version": "v2"}  # another aux: scored again
     assert _run(path, True, evaluate, "v2")["score"] == 3  # --rerun
+    assert _run(path, False, evaluate, "v2", users_per_item=4)["score"] == 4  # scored with other settings
 
 
 def test_plain_scores_are_reused_only_for_the_same_backbone_n_and_seed(tmp_path):

@@ -89,6 +89,12 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     assert reused["piqa"]["plain_items"] == wrong and reused["piqa"]["soft"] == result["piqa"]["soft"]
     again = general(tiny, aux, users, ["piqa"], 6, 0, plain_items={"piqa": wrong[:5]})
     assert again["piqa"]["plain_items"] == result["piqa"]["plain_items"]
+    # every item scored with all three users: the exact average over users, the same whatever the users' order
+    every = general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=3)
+    rotated = general(tiny, aux, users[1:] + users[:1], ["piqa"], 6, 0, users_per_item=3)
+    assert every["users_per_item"] == 3 and every["piqa"]["soft"] == rotated["piqa"]["soft"]
+    with pytest.raises(ValueError, match="users_per_item"):
+        general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=4)
 
 
 def test_benchmark_tasks_load_with_gold_labels():
