@@ -179,9 +179,8 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             with_text: bool = False, plain_items: dict | None = None, users_per_item: int = 1) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items. Item i is scored with
-    users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them: a small random
-    perturbation flips near-tied items either way, and averaging over users keeps that noise out of the paired
-    difference (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
+    users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one
+    user's thoughts decide an item (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
     scores} from an earlier report of the same backbone, n and seed) spares scoring the plain backbone again: it
     does not depend on the aux."""
     user_thoughts = []
