@@ -183,12 +183,12 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     user's thoughts decide an item (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
     scores} from an earlier report of the same backbone, n and seed) spares scoring the plain backbone again: it
     does not depend on the aux."""
+    if not 1 <= users_per_item <= max(1, len(users)):
+        raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     user_thoughts = []
     if aux is not None:
         with torch.inference_mode():
             user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    if not 1 <= users_per_item <= max(1, len(users)):
-        raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     report = {"n_users": len(users), "users_per_item": users_per_item, "seed": seed,
               "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
