@@ -41,6 +41,13 @@ def raw_texts() -> list[str]:
     return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
 
 
+def qa_texts(answers: list[dict]) -> list[str]:
+    """Plain "Question: ...\nAnswer: ..." text from the training prompts and the backbone's own first sentence of
+    answer: the shape multiple-choice benchmarks are scored in (a short question, then a short continuation after
+    "Answer:"), built from none of their items."""
+    return [f"Question: {a['prompt']}\nAnswer: {first_sentence(a['answer'])}" for a in answers]
+
+
 def prompt_pool(seed: int = 0) -> list[str]:
     """General questions: topic templates plus BoolQ's questions (BoolQ carries no signal for this backbone
     and is not one of the general-ability benchmarks, so using its questions leaks nothing)."""
@@ -51,6 +58,11 @@ def prompt_pool(seed: int = 0) -> list[str]:
             prompts.append(q[0].upper() + q[1:].rstrip("?") + "?")
     random.Random(seed).shuffle(prompts)
     return list(dict.fromkeys(prompts))
+
+
+def first_sentence(text: str) -> str:
+    match = re.search(r"[.!?](?=\s|$)", text.strip())
+    return text.strip()[: match.end()] if match else text.strip()
 
 
 def whole_sentences(text: str) -> str:

@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
 
-from .data import edit_answer, raw_texts, read_jsonl
+from .data import edit_answer, qa_texts, raw_texts, read_jsonl
 
 
 class TrainConfig(BaseModel):
@@ -63,6 +63,10 @@ class TrainConfig(BaseModel):
     # Weight of KL(plain backbone || backbone with the thoughts before the text) on plain text: that is how the
     # general-ability benchmarks are scored, and what strongly personalizing thoughts otherwise disturb.
     preserve_weight: float = 0.0
+    # Which plain text the KL runs on: BoolQ passages ending in a question and "Answer:", or "Question: ...\nAnswer:
+    # ..." built from the training prompts and the backbone's own answers (the KL then also covers the tokens after
+    # "Answer:", where multiple-choice benchmarks score their continuations), or both.
+    preserve_texts: Literal["boolq", "qa", "boolq+qa"] = "boolq"
     preserve_batch: int = 4
     preserve_tokens: int = 96
     grad_clip: float = 1.0
@@ -239,7 +243,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     examples = Examples(users, answers, cfg.seed)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: the question and "Answer:" end it
-        texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw_texts(), add_special_tokens=False)["input_ids"]]
+        raw = (raw_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
+        texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw, add_special_tokens=False)["input_ids"]]
     start = 0
     if state:
         if probe is not None:

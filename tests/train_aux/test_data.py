@@ -2,7 +2,7 @@ import random
 import re
 
 from train_aux.checks import CHECK_IDS, check_all
-from train_aux.data import edit_answer, prompt_pool, whole_sentences
+from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_texts, whole_sentences
 from train_aux.users import PHRASINGS, make_users
 
 ANSWER = ("The ocean is a vast body of salt water that covers most of the Earth, and it is home to countless "
@@ -40,5 +40,11 @@ def test_edits_satisfy_every_check_and_stay_close_to_the_answer():
 
 def test_whole_sentences_and_prompt_pool():
     assert whole_sentences("One. Two! Three is cut") == "One. Two!"
+    assert first_sentence(" One. Two! ") == "One." and first_sentence("No end") == "No end"
     pool = prompt_pool()
     assert len(pool) > 1000 and len(set(pool)) == len(pool)
+
+
+def test_qa_texts_have_the_multiple_choice_shape_and_the_backbones_first_sentence():
+    texts = qa_texts([{"prompt": "Why is the sky blue?", "answer": "Light scatters. Blue scatters most."}])
+    assert texts == ["Question: Why is the sky blue?\nAnswer: Light scatters."]

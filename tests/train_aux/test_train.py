@@ -31,12 +31,18 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
     aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
     assert aux.config.metadata["steps"] == 3 and aux.config.metadata["data_hash"]
-    # resume: continuing to 5 steps starts from step 3's state
-    cfg5 = cfg.model_copy(update={"steps": 5})
+    # resume: continuing to 5 steps starts from step 3's state (here with the KL on question-answer text instead)
+    cfg5 = cfg.model_copy(update={"steps": 5, "preserve_texts": "qa"})
     train(cfg5, resume=True)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     starts = [e for e in events if e.get("event") == "start"]
     assert starts[-1]["step"] == 3
+
+
+def test_config_refuses_an_unknown_preservation_text():
+    assert load_config(None, {"preserve_texts": "boolq+qa"}).preserve_texts == "boolq+qa"
+    with pytest.raises(ValueError, match="preserve_texts"):
+        load_config(None, {"preserve_texts": "wikipedia"})
 
 
 def test_edited_chars_mark_what_the_edit_wrote():
