@@ -88,8 +88,9 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
 
 
 # ------------------------------------------------------------------------------------------ general ability
-def load_task(name: str, n: int, seed: int) -> list[dict]:
-    """Items as {"context", "choices" (continuations with their leading space), "gold"}, lm-eval's prompts."""
+def load_task(name: str, n: int, seed: int, skip: int = 0) -> list[dict]:
+    """Items skip..skip+n of one seeded shuffle, as {"context", "choices" (continuations with their leading space),
+    "gold"}, lm-eval's prompts. skip > 0 gives a dev split disjoint from the first n, to choose checkpoints on."""
     root = shared_data()
     items = []
     if name == "hellaswag":
@@ -108,7 +109,7 @@ def load_task(name: str, n: int, seed: int) -> list[dict]:
     else:
         raise ValueError(f"unknown task {name!r}; known: hellaswag, arc_easy, piqa")
     random.Random(seed).shuffle(items)
-    return items[:n]
+    return items[skip : skip + n]
 
 
 def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -176,7 +177,7 @@ def _paired(a: list[int], b: list[int]) -> dict:
 
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
-            with_text: bool = False, plain_items: dict | None = None, users_per_item: int = 1) -> dict:
+            with_text: bool = False, plain_items: dict | None = None, users_per_item: int = 1, skip: int = 0) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items. Item i is scored with
     users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one
@@ -189,10 +190,10 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     if aux is not None:
         with torch.inference_mode():
             user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    report = {"n_users": len(users), "users_per_item": users_per_item, "seed": seed,
+    report = {"n_users": len(users), "users_per_item": users_per_item, "seed": seed, "skip": skip,
               "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
-        items = load_task(task, n, seed)
+        items = load_task(task, n, seed, skip)
         cached = (plain_items or {}).get(task)
         plain = [tuple(s) for s in cached] if cached and len(cached) == len(items) else \
             score_task(backbone, items, [None] * len(items), f"{task}/plain")
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--max-users", type=int, default=8)
     g.add_argument("--users-per-item", type=int, default=1, help="score each item with this many users' thoughts, averaged")
     g.add_argument("--with-text", action="store_true", help="also score with the summary written as text")
+    g.add_argument("--skip", type=int, default=0,
+                   help="score items SKIP..SKIP+n of the shuffle: a dev split for choosing checkpoints (the report uses 0)")
     for s in (p, g):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                                  conditions)
     else:
         report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed, args.with_text,
-                         users_per_item=args.users_per_item)
+                         users_per_item=args.users_per_item, skip=args.skip)
     report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
     report["aux_version"] = aux.version if aux is not None else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,11 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings
 
 
 def _plain_items(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
-    """The plain backbone's per-item scores from an earlier general.json on the same backbone, n and seed."""
+    """The plain backbone's per-item scores from an earlier general.json on the same backbone, n, seed and items."""
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    if old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed:
+    if old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0:
         return None
     return {t: old[t]["plain_items"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_items" in old[t]}
 
@@ -105,8 +105,12 @@ def rows(res: dict) -> list[dict]:
 
 def _objective(cfg: dict) -> str:
     """How the shipped aux was trained, and how the fine-tuned baselines were (they share the data, not the loss)."""
-    preserve = (f", plus KL(plain backbone || backbone after the thoughts) on plain text (weight "
-                f"{cfg['preserve_weight']:g})" if cfg.get("preserve_weight") else "")
+    texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
+             "backbone's own answers", "boolq+qa": "BoolQ passages and question-answer text"}
+    # the checkpoint records the config of its last training phase only; the README lists all the phases
+    preserve = (f", plus, in the last training phase, KL(plain backbone || backbone after the thoughts) on "
+                f"{texts[cfg.get('preserve_texts', 'boolq')]} (weight {cfg['preserve_weight']:g})"
+                if cfg.get("preserve_weight") else "")
     return (f"Training: cross-entropy on the backbone's own answers edited to satisfy each user's checks, the tokens the "
             f"edit changed weighted x{cfg.get('edit_weight', 1.0):g}, plus a preference probe on the thoughts (weight "
             f"{cfg.get('probe_weight', 0.0):g}){preserve}; the fine-tuned baselines use the same examples with plain "

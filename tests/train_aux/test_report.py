@@ -33,7 +33,8 @@ def test_render_and_plot(tmp_path):
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
-    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain backbone" in md
+    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5), plus, in the last training phase, " \
+        "KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2)" in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
@@ -54,7 +55,7 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
     assert _run(path, False, evaluate, "v2", users_per_item=4)["score"] == 4  # scored with other settings
 
 
-def test_plain_scores_are_reused_only_for_the_same_backbone_n_and_seed(tmp_path):
+def test_plain_scores_are_reused_only_for_the_same_backbone_items_and_seed(tmp_path):
     gen = _gen(45.0, True)
     gen["backbone_fingerprint"] = "fp"
     for t in TASKS:
@@ -65,3 +66,5 @@ def test_plain_scores_are_reused_only_for_the_same_backbone_n_and_seed(tmp_path)
     path.write_text(json.dumps(gen))
     assert set(_plain_items(path, "fp", 1000, 0)) == set(TASKS) - {"piqa"}
     assert _plain_items(path, "other", 1000, 0) is None and _plain_items(path, "fp", 1000, 1) is None
+    path.write_text(json.dumps({**gen, "skip": 1000}))  # a dev split's items are not the report's
+    assert _plain_items(path, "fp", 1000, 0) is None

@@ -110,6 +110,8 @@ def test_benchmark_tasks_load_with_gold_labels():
         for item in items:
             assert 0 <= item["gold"] < len(item["choices"]) and all(c.startswith(" ") for c in item["choices"])
             assert k is None or len(item["choices"]) == k
+        dev = load_task(task, 20, 0, skip=20)  # the dev split continues the same shuffle, disjoint from the first n
+        assert load_task(task, 40, 0) == items + dev
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
