@@ -108,8 +108,8 @@ def _objective(cfg: dict) -> str:
     texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
              "backbone's own answers", "boolq+qa": "BoolQ passages and question-answer text"}
     # the checkpoint records the config of its last training phase only; the README lists all the phases
-    preserve = (f", plus, in the last training phase (the README lists them all), KL(plain backbone || backbone after the thoughts) on "
-                f"{texts[cfg.get('preserve_texts', 'boolq')]} (weight {cfg['preserve_weight']:g})"
+    preserve = (f", plus, in the last training phase (the README lists them all), KL(plain backbone || backbone after "
+                f"the thoughts) on {texts[cfg.get('preserve_texts', 'boolq')]} (weight {cfg['preserve_weight']:g})"
                 if cfg.get("preserve_weight") else "")
     return (f"Training: cross-entropy on the backbone's own answers edited to satisfy each user's checks, the tokens the "
             f"edit changed weighted x{cfg.get('edit_weight', 1.0):g}, plus a preference probe on the thoughts (weight "

@@ -33,8 +33,8 @@ def test_render_and_plot(tmp_path):
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
-    assert "weighted x5, plus a preference probe on the thoughts (weight 0.5), plus, in the last training phase (the README lists them all), " \
-        "KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2)" in md
+    assert ("weighted x5, plus a preference probe on the thoughts (weight 0.5), plus, in the last training phase "
+            "(the README lists them all), KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2)") in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
