@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     examples = Examples(users, answers, cfg.seed)
     texts = []
-    if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: the question and "Answer:" end it
+    if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: its question and "Answer:" are at the end
         raw = (raw_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
         texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw, add_special_tokens=False)["input_ids"]]
     start = 0
