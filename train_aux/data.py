@@ -35,7 +35,7 @@ TEMPLATES = [
 ]
 
 
-def raw_texts() -> list[str]:
+def boolq_texts() -> list[str]:
     """Plain text for the preservation term (passages with a question and "Answer:", as BoolQ's lm-eval prompt
     has them): not the general-ability benchmarks, and never in a chat template."""
     return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
@@ -52,7 +52,7 @@ def prompt_pool(seed: int = 0) -> list[str]:
     """General questions: topic templates plus BoolQ's questions (BoolQ carries no signal for this backbone
     and is not one of the general-ability benchmarks, so using its questions leaks nothing)."""
     prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
-    for text in raw_texts():
+    for text in boolq_texts():
         q = text.rsplit("Question:", 1)[-1].split("\n")[0].strip()
         if q:
             prompts.append(q[0].upper() + q[1:].rstrip("?") + "?")
@@ -60,15 +60,19 @@ def prompt_pool(seed: int = 0) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
 def first_sentence(text: str) -> str:
-    match = re.search(r"[.!?](?=\s|$)", text.strip())
-    return text.strip()[: match.end()] if match else text.strip()
+    text = text.strip()
+    match = SENTENCE_END.search(text)
+    return text[: match.end()] if match else text
 
 
 def whole_sentences(text: str) -> str:
     """Cut a reply that hit max_tokens back to its last complete sentence."""
     text = text.strip()
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
     return text[: ends[-1]] if ends else text
 
 

@@ -182,7 +182,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     `with_text`, also with the summary written as text. All paired on the same items. Item i is scored with
     users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one
     user's thoughts decide an item (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
-    scores} from an earlier report of the same backbone, n and seed) spares scoring the plain backbone again: it
+    scores} from an earlier report of the same backbone and items) spares scoring the plain backbone again: it
     does not depend on the aux."""
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")

@@ -34,7 +34,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
 
-from .data import edit_answer, qa_texts, raw_texts, read_jsonl
+from .data import boolq_texts, edit_answer, qa_texts, read_jsonl
 
 
 class TrainConfig(BaseModel):
@@ -242,8 +242,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     examples = Examples(users, answers, cfg.seed)
     texts = []
-    if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: its question and "Answer:" are at the end
-        raw = (raw_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
+    if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
+        raw = (boolq_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
         texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw, add_special_tokens=False)["input_ids"]]
     start = 0
     if state:
