@@ -107,7 +107,7 @@ def _objective(cfg: dict) -> str:
     """How the shipped aux was trained, and how the fine-tuned baselines were (they share the data, not the loss)."""
     texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
              "backbone's own answers", "boolq+qa": "BoolQ passages and question-answer text"}
-    # the checkpoint records the config of its last training phase only; the README lists all the phases
+    # the shipped checkpoint predates the metadata's "phases" and records its last phase's config only; the README lists them all
     preserve = (f", plus, in the last training phase (the README lists them all), KL(plain backbone || backbone after "
                 f"the thoughts) on {texts[cfg.get('preserve_texts', 'boolq')]} (weight {cfg['preserve_weight']:g})"
                 if cfg.get("preserve_weight") else "")
