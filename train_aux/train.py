@@ -258,11 +258,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
                           "trainable_params": sum(p.numel() for p in aux.trainable_parameters())}) + "\n")
     # every phase's config, so that a checkpoint resumed with new settings still says how all of it was trained
+    settings = cfg.model_dump()
     phases = list(aux.config.metadata.get("phases", [])) if state else []
-    if not phases or phases[-1]["train_config"] != cfg.model_dump():
-        phases.append({"from_step": start, "train_config": cfg.model_dump()})
+    if not phases or phases[-1]["train_config"] != settings:
+        phases.append({"from_step": start, "train_config": settings})
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data / "train_users.jsonl", data / "answers.jsonl"),
-            "train_config": cfg.model_dump(), "phases": phases}
+            "train_config": settings, "phases": phases}
     t0, tokens, recent = time.perf_counter(), 0, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")
     for step in bar:

@@ -37,14 +37,18 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     starts = [e for e in events if e.get("event") == "start"]
     assert starts[-1]["step"] == 3
-    phases = SoftThoughtAux.from_pretrained(tmp_path / "run" / "final", backbone=tiny).config.metadata["phases"]
+
+    def recorded_phases():
+        return SoftThoughtAux.from_pretrained(final, backbone=tiny).config.metadata["phases"]
+
+    phases = recorded_phases()
     assert [(p["from_step"], p["train_config"]["preserve_texts"]) for p in phases] == [(0, "boolq"), (3, "qa")]
     # resuming with the same settings continues that phase; more steps make a new one
     train(cfg5, resume=True)
-    phases = SoftThoughtAux.from_pretrained(tmp_path / "run" / "final", backbone=tiny).config.metadata["phases"]
+    phases = recorded_phases()
     assert [p["from_step"] for p in phases] == [0, 3]
     train(cfg5.model_copy(update={"steps": 6}), resume=True)
-    phases = SoftThoughtAux.from_pretrained(tmp_path / "run" / "final", backbone=tiny).config.metadata["phases"]
+    phases = recorded_phases()
     assert [p["from_step"] for p in phases] == [0, 3, 5]
 
 
