@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -145,9 +146,10 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
     return out
 
 
-def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str) -> list[tuple[int, int]]:
-    """(acc, acc_norm) correctness per item. prefixes[i] goes before item i's context: None, soft thoughts
-    [K, hidden], or a text summary (written out before the context, as a plain prompt would carry it)."""
+def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str) -> list[list[float]]:
+    """log p(choice | [prefix] + context) of each choice of each item, rounded to 4 decimals (as cached in reports).
+    prefixes[i] goes before item i's context: None, soft thoughts [K, hidden], or a text summary (written out
+    before the context, as a plain prompt would carry it)."""
     tok = backbone.tokenizer
     requests, spans = [], []
     for item, prefix in zip(items, prefixes):
@@ -159,13 +161,41 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str)
             requests.append((ctx, cont, thoughts))
         spans.append((first, len(requests)))
     ll = loglikelihoods(backbone, requests, desc=desc)
-    results = []
-    for item, (a, b) in zip(items, spans):
-        scores = ll[a:b]
-        norm = [s / len(c.encode()) for s, c in zip(scores, item["choices"])]  # lm-eval normalizes by bytes
-        results.append((int(max(range(len(scores)), key=scores.__getitem__) == item["gold"]),
-                        int(max(range(len(norm)), key=norm.__getitem__) == item["gold"])))
-    return results
+    return [[round(x, 4) for x in ll[a:b]] for a, b in spans]
+
+
+def _per_byte(item: dict, scores: list[float]) -> list[float]:
+    return [s / len(c.encode()) for s, c in zip(scores, item["choices"])]  # lm-eval's acc_norm normalizes by bytes
+
+
+def correctness(items: list[dict], loglik: list[list[float]]) -> list[tuple[int, int]]:
+    """(acc, acc_norm) of each item from its choices' log-likelihoods."""
+    def right(scores, gold):
+        return int(max(range(len(scores)), key=scores.__getitem__) == gold)
+    return [(right(scores, item["gold"]), right(_per_byte(item, scores), item["gold"])) for item, scores in zip(items, loglik)]
+
+
+def gold_margin_shift(items: list[dict], plain: list[list[float]], reading: list[list[list[float]]]) -> dict:
+    """Does reading the thoughts pull the scores away from the right answers, or only reshuffle near-ties? An item's
+    gold margin is its right choice's per-byte log-likelihood minus the mean of the other choices' (what acc_norm
+    ranks). Fitted over items, margin with thoughts = slope x plain margin + shift: slope < 1 shrinks every margin
+    in proportion; shift < 0 costs the right answer ground on every item alike, a systematic loss. What neither
+    explains is item-specific, and flips only near-ties. `reading` holds one list per user round, averaged per item.
+    The shift's standard error treats items as independent."""
+    def margin(item, scores):
+        norm = _per_byte(item, scores)
+        others = [x for i, x in enumerate(norm) if i != item["gold"]]
+        return norm[item["gold"]] - sum(others) / len(others)
+
+    x = np.array([margin(item, s) for item, s in zip(items, plain)])
+    y = np.array([np.mean([margin(item, r[i]) for r in reading]) for i, item in enumerate(items)])
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    (slope, shift), *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ np.array([slope, shift])
+    shift_se = math.sqrt(resid.var(ddof=2) * np.linalg.inv(design.T @ design)[1, 1])
+    mean = float(x.mean())
+    return {"plain_margin": mean, "slope": float(slope), "shift": float(shift), "shift_se": shift_se,
+            "shift_pct": 100 * float(shift) / mean, "shift_pct_se": 100 * shift_se / mean}
 
 
 def _paired(a: list[int], b: list[int]) -> dict:
@@ -177,13 +207,14 @@ def _paired(a: list[int], b: list[int]) -> dict:
 
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
-            with_text: bool = False, plain_items: dict | None = None, users_per_item: int = 1, skip: int = 0) -> dict:
+            with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
-    `with_text`, also with the summary written as text. All paired on the same items. Item i is scored with
-    users i, i+1, ... i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one
-    user's thoughts decide an item (users_per_item=len(users) is the exact average over users). `plain_items` ({task: per-item
-    scores} from an earlier report of the same backbone and items) spares scoring the plain backbone again: it
-    does not depend on the aux."""
+    `with_text`, also with the summary written as text. All paired on the same items, with the gold-margin shift
+    of each condition against plain (`gold_margin_shift`). Item i is scored with users i, i+1, ...
+    i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one user's thoughts decide an
+    item (users_per_item=len(users) is the exact average over users). `plain_loglik` ({task: per-choice scores}
+    from an earlier report of the same backbone and items) spares scoring the plain backbone again: it does not
+    depend on the aux."""
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     user_thoughts = []
@@ -194,10 +225,11 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
               "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
         items = load_task(task, n, seed, skip)
-        cached = (plain_items or {}).get(task)
-        plain = [tuple(s) for s in cached] if cached and len(cached) == len(items) else \
+        cached = (plain_loglik or {}).get(task)
+        plain_ll = cached if cached and len(cached) == len(items) else \
             score_task(backbone, items, [None] * len(items), f"{task}/plain")
-        entry = {"n": len(items), "plain": _accs(plain), "plain_items": [list(s) for s in plain]}
+        plain = correctness(items, plain_ll)
+        entry = {"n": len(items), "plain": _accs(plain), "plain_loglik": plain_ll}
         conditions = {}
         if aux is not None:
             conditions["soft"] = user_thoughts
@@ -207,11 +239,13 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = score_task(backbone, [item for _ in rounds for item in items],
                               [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}")
-            scored = [tuple(sum(flat[r * len(items) + i][k] for r in rounds) / users_per_item for k in range(2))
-                      for i in range(len(items))]
+            per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
+            right = [correctness(items, ll) for ll in per_round]
+            scored = [tuple(sum(r[i][k] for r in right) / users_per_item for k in range(2)) for i in range(len(items))]
             entry[name] = _accs(scored)
             entry[f"{name}_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in scored])
                                             for k, m in enumerate(("acc", "acc_norm"))}
+            entry[f"{name}_gold_margin"] = gold_margin_shift(items, plain_ll, per_round)
         report[task] = entry
     return report
 

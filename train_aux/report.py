@@ -38,14 +38,14 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings
     return json.loads(path.read_text())
 
 
-def _plain_items(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
-    """The plain backbone's per-item scores from an earlier general.json on the same backbone, n, seed and items."""
+def _plain_loglik(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
+    """The plain backbone's per-choice scores from an earlier general.json on the same backbone, n, seed and items."""
     if not path.exists():
         return None
     old = json.loads(path.read_text())
     if old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0:
         return None
-    return {t: old[t]["plain_items"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_items" in old[t]}
+    return {t: old[t]["plain_loglik"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_loglik" in old[t]}
 
 
 def collect(args) -> dict:
@@ -61,10 +61,10 @@ def collect(args) -> dict:
     res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version)
-    plain = None if args.rerun else _plain_items(out / "general.json", backbone.fingerprint, args.n, args.seed)
+    plain = None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed)
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
         backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
-        plain_items=plain, users_per_item=args.users_per_item), aux.version, users_per_item=args.users_per_item)
+        plain_loglik=plain, users_per_item=args.users_per_item), aux.version, users_per_item=args.users_per_item)
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         if not (ft_dir / "config.json").exists():
@@ -159,6 +159,20 @@ def render(res: dict) -> str:
             total += d
             cells.append(_pm(d, math.hypot(ft["acc_norm_se"], base["acc_norm_se"])))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total / len(TASKS):+.2f} |")
+    margins = [(cond, label) for cond, label in (("soft", "soft thoughts"), ("text", "summary as text"))
+               if f"{cond}_gold_margin" in g[TASKS[0]]]
+    if margins:
+        lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
+                  "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other "
+                  "choices'. Fitted over items, margin with the prefix = slope × plain margin + shift. The shift is given "
+                  "in % of the mean plain margin. A negative shift means the right answer loses ground on every item, which "
+                  "is a systematic cost. A shift near 0 leaves the acc_norm change to item-specific reshuffling of near-ties. "
+                  "A slope below 1 shrinks every margin in proportion.", "",
+                  "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for cond, label in margins:
+            cells = [g[t][f"{cond}_gold_margin"] for t in TASKS]
+            lines.append(f"| {label} | " + " | ".join(
+                f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}" for m in cells) + " |")
     ids = sorted(p["soft"]["per_instruction"])
     lines += ["", "## Personalization per preference (% of checks passed)", "",
               "| check | n | none | text | soft | LoRA + text | full FT + text |", "|---|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 import json
 
-from train_aux.report import TASKS, _plain_items, _run, plot, render
+from train_aux.report import TASKS, _plain_loglik, _run, plot, render
 
 
 def _pers(rate):
@@ -18,6 +18,8 @@ def _gen(base, with_conditions):
             for c in ("soft", "text"):
                 entry[c] = {"acc": base - 0.5, "acc_se": 1.5, "acc_norm": base - 0.5, "acc_norm_se": 1.5}
                 entry[f"{c}_minus_plain"] = {"acc": {"diff": -0.5, "diff_se": 0.4}, "acc_norm": {"diff": -0.5, "diff_se": 0.4}}
+            entry["soft_gold_margin"] = {"plain_margin": 0.16, "slope": 0.94, "shift": -0.0004, "shift_se": 0.0027,
+                                         "shift_pct": -0.25, "shift_pct_se": 1.69}
         out[t] = entry
     return out
 
@@ -35,6 +37,7 @@ def test_render_and_plot(tmp_path):
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("weighted x5, plus a preference probe on the thoughts (weight 0.5), plus, in the last training phase "
             "(the README lists them all), KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2)") in md
+    assert "| soft thoughts | shift -0.2 ± 1.7 %, slope 0.94 |" in md and "| summary as text | shift" not in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
@@ -59,12 +62,12 @@ def test_plain_scores_are_reused_only_for_the_same_backbone_items_and_seed(tmp_p
     gen = _gen(45.0, True)
     gen["backbone_fingerprint"] = "fp"
     for t in TASKS:
-        gen[t]["plain_items"] = [[1, 0]] * 1000
+        gen[t]["plain_loglik"] = [[-1.0, -2.0]] * 1000
     gen["piqa"]["n"] = 500  # scored on fewer items: not reusable for n=1000
     path = tmp_path / "general.json"
-    assert _plain_items(path, "fp", 1000, 0) is None  # nothing yet
+    assert _plain_loglik(path, "fp", 1000, 0) is None  # nothing yet
     path.write_text(json.dumps(gen))
-    assert set(_plain_items(path, "fp", 1000, 0)) == set(TASKS) - {"piqa"}
-    assert _plain_items(path, "other", 1000, 0) is None and _plain_items(path, "fp", 1000, 1) is None
+    assert set(_plain_loglik(path, "fp", 1000, 0)) == set(TASKS) - {"piqa"}
+    assert _plain_loglik(path, "other", 1000, 0) is None and _plain_loglik(path, "fp", 1000, 1) is None
     path.write_text(json.dumps({**gen, "skip": 1000}))  # a dev split's items are not the report's
-    assert _plain_items(path, "fp", 1000, 0) is None
+    assert _plain_loglik(path, "fp", 1000, 0) is None

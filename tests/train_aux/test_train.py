@@ -102,12 +102,14 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
     result = general(tiny, aux, users, ["piqa"], 6, 0)
     assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
-    # the plain backbone's per-item scores are reused when given for the same items, and recomputed otherwise
-    wrong = [[1 - a, 1 - b] for a, b in result["piqa"]["plain_items"]]
-    reused = general(tiny, aux, users, ["piqa"], 6, 0, plain_items={"piqa": wrong})
-    assert reused["piqa"]["plain_items"] == wrong and reused["piqa"]["soft"] == result["piqa"]["soft"]
-    again = general(tiny, aux, users, ["piqa"], 6, 0, plain_items={"piqa": wrong[:5]})
-    assert again["piqa"]["plain_items"] == result["piqa"]["plain_items"]
+    assert set(result["piqa"]["soft_gold_margin"]) >= {"slope", "shift", "shift_se", "shift_pct"}
+    # the plain backbone's per-choice scores are reused when given for the same items, and recomputed otherwise
+    swapped = [s[::-1] for s in result["piqa"]["plain_loglik"]]  # the other choice wins every item
+    reused = general(tiny, aux, users, ["piqa"], 6, 0, plain_loglik={"piqa": swapped})
+    assert reused["piqa"]["plain_loglik"] == swapped and reused["piqa"]["soft"] == result["piqa"]["soft"]
+    assert reused["piqa"]["plain"]["acc"] == pytest.approx(100 - result["piqa"]["plain"]["acc"])
+    again = general(tiny, aux, users, ["piqa"], 6, 0, plain_loglik={"piqa": swapped[:5]})
+    assert again["piqa"]["plain_loglik"] == result["piqa"]["plain_loglik"]
     # every item scored with all three users: the exact average over users, the same whatever the users' order
     every = general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=3)
     rotated = general(tiny, aux, users[1:] + users[:1], ["piqa"], 6, 0, users_per_item=3)

@@ -1,0 +1,51 @@
+import random
+
+import pytest
+
+from train_aux.eval import correctness, gold_margin_shift
+
+
+def _items(n=300, seed=0):
+    rng = random.Random(seed)
+    items, plain = [], []
+    for _ in range(n):
+        choices = [" " + "x" * rng.randint(3, 30) for _ in range(4)]
+        items.append({"choices": choices, "gold": rng.randrange(4)})
+        plain.append([-rng.uniform(0.5, 3.0) * len(c) for c in choices])  # per-byte scores in [-3, -0.5]
+    return items, plain
+
+
+def _per_byte_edit(items, scores, edit):
+    """Log-likelihoods whose per-byte values are edit(item, per-byte values)."""
+    out = []
+    for item, s in zip(items, scores):
+        norm = edit(item, [x / len(c) for x, c in zip(s, item["choices"])])
+        out.append([v * len(c) for v, c in zip(norm, item["choices"])])
+    return out
+
+
+def test_correctness_ranks_by_sum_and_by_byte():
+    item = {"choices": [" a", " bbbbbbbbb"], "gold": 1}
+    assert correctness([item], [[-2.0, -5.0]]) == [(0, 1)]  # the long choice loses on the sum, wins per byte
+
+
+def test_gold_margin_shift_separates_a_systematic_loss_from_rescaling_and_noise():
+    items, plain = _items()
+    # every margin shrunk by a fifth about each item's mean: slope 0.8, no shift, no item changes its acc_norm answer
+    shrunk = _per_byte_edit(items, plain, lambda item, v: [sum(v) / 4 + 0.8 * (x - sum(v) / 4) for x in v])
+    m = gold_margin_shift(items, plain, [shrunk])
+    assert m["slope"] == pytest.approx(0.8) and m["shift"] == pytest.approx(0.0, abs=1e-9)
+    assert [r[1] for r in correctness(items, shrunk)] == [r[1] for r in correctness(items, plain)]
+    # the right answer loses 0.05 nats per byte on every item: a shift of exactly -0.05
+    lowered = _per_byte_edit(items, plain, lambda item, v: [x - 0.05 * (i == item["gold"]) for i, x in enumerate(v)])
+    m = gold_margin_shift(items, plain, [lowered])
+    assert m["shift"] == pytest.approx(-0.05) and m["slope"] == pytest.approx(1.0)
+    assert m["shift_pct"] == pytest.approx(100 * -0.05 / m["plain_margin"])
+    # user rounds are averaged per item: one round lowered by 0.1, one untouched
+    lowered2 = _per_byte_edit(items, plain, lambda item, v: [x - 0.1 * (i == item["gold"]) for i, x in enumerate(v)])
+    assert gold_margin_shift(items, plain, [lowered2, plain])["shift"] == pytest.approx(-0.05)
+    # noise that ignores which choice is right: the shift stays within its standard error's reach of 0
+    rng = random.Random(1)
+    noisy = _per_byte_edit(items, plain, lambda item, v: [x + rng.gauss(0, 0.2) for x in v])
+    m = gold_margin_shift(items, plain, [noisy])
+    assert abs(m["shift"]) < 3 * m["shift_se"] and 0 < m["shift_se"] < 0.05
