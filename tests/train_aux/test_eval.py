@@ -40,10 +40,16 @@ def test_gold_margin_shift_separates_a_systematic_loss_from_rescaling_and_noise(
     lowered = _per_byte_edit(items, plain, lambda item, v: [x - 0.05 * (i == item["gold"]) for i, x in enumerate(v)])
     m = gold_margin_shift(items, plain, [lowered])
     assert m["shift"] == pytest.approx(-0.05) and m["slope"] == pytest.approx(1.0)
-    assert m["shift_pct"] == pytest.approx(100 * -0.05 / m["plain_margin"])
+    assert m["shift_pct"] == pytest.approx(100 * -0.05 / abs(m["plain_margin"]))
     # user rounds are averaged per item: one round lowered by 0.1, one untouched
     lowered2 = _per_byte_edit(items, plain, lambda item, v: [x - 0.1 * (i == item["gold"]) for i, x in enumerate(v)])
     assert gold_margin_shift(items, plain, [lowered2, plain])["shift"] == pytest.approx(-0.05)
+    # a plain backbone that prefers a wrong choice on average: the percentage keeps the shift's sign
+    worst = [{**item, "gold": min(range(4), key=[x / len(c) for x, c in zip(s, item["choices"])].__getitem__)}
+             for item, s in zip(items, plain)]
+    m = gold_margin_shift(worst, plain, [_per_byte_edit(worst, plain, lambda item, v: [
+        x - 0.05 * (i == item["gold"]) for i, x in enumerate(v)])])
+    assert m["plain_margin"] < 0 and m["shift_pct"] < 0 < m["shift_pct_se"]
     # noise that ignores which choice is right: the shift stays within its standard error's reach of 0
     rng = random.Random(1)
     noisy = _per_byte_edit(items, plain, lambda item, v: [x + rng.gauss(0, 0.2) for x in v])
