@@ -103,18 +103,20 @@ def rows(res: dict) -> list[dict]:
     ]
 
 
-def _objective(cfg: dict) -> str:
-    """How the shipped aux was trained, and how the fine-tuned baselines were (they share the data, not the loss)."""
+def _objective(meta: dict) -> str:
+    """How the aux was trained, phase by phase, and how the fine-tuned baselines were (they share the data, not the loss)."""
     texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
              "backbone's own answers", "boolq+qa": "BoolQ passages and question-answer text"}
-    # the shipped checkpoint predates the metadata's "phases" and records its last phase's config only; the README lists them all
-    preserve = (f", plus, in the last training phase (the README lists them all), KL(plain backbone || backbone after "
-                f"the thoughts) on {texts[cfg.get('preserve_texts', 'boolq')]} (weight {cfg['preserve_weight']:g})"
-                if cfg.get("preserve_weight") else "")
-    return (f"Training: cross-entropy on the backbone's own answers edited to satisfy each user's checks, the tokens the "
-            f"edit changed weighted x{cfg.get('edit_weight', 1.0):g}, plus a preference probe on the thoughts (weight "
-            f"{cfg.get('probe_weight', 0.0):g}){preserve}; the fine-tuned baselines use the same examples with plain "
-            "cross-entropy and the summary as text.")
+    phases = meta.get("phases") or [{"from_step": 0, "train_config": meta.get("train_config", {})}]
+    cfg = phases[-1]["train_config"]
+    ends = [p["from_step"] for p in phases[1:]] + [meta.get("steps", cfg.get("steps", "?"))]
+    kl = [f"on {texts[c.get('preserve_texts', 'boolq')]} (weight {c['preserve_weight']:g}) in steps {p['from_step']}-{end}"
+          for p, end in zip(phases, ends) if (c := p["train_config"]).get("preserve_weight")]
+    preserve = f", plus KL(plain backbone || backbone after the thoughts) {' and '.join(kl)}" if kl else ""
+    return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
+            f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
+            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}; the fine-tuned "
+            "baselines use the same examples with plain cross-entropy and the summary as text.")
 
 
 def render(res: dict) -> str:
@@ -127,7 +129,7 @@ def render(res: dict) -> str:
         f"Auxiliary checkpoint `{meta['version']}`: K={meta['num_thoughts']}, trained {meta.get('steps', '?')} steps on "
         f"data `{meta.get('data_hash', '?')}`, backbone fingerprint `{meta.get('backbone_fingerprint', '?')}` "
         "(identical before and after training).",
-        _objective(meta.get("train_config", {})), "",
+        _objective(meta), "",
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
         "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "
@@ -165,9 +167,9 @@ def render(res: dict) -> str:
         lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
                   "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other "
                   "choices'. Fitted over items, margin with the prefix = slope × plain margin + shift. The shift is given "
-                  "in % of the mean plain margin. A negative shift means the right answer loses ground on every item, which "
-                  "is a systematic cost. A shift near 0 leaves the acc_norm change to item-specific reshuffling of near-ties. "
-                  "A slope below 1 shrinks every margin in proportion.", "",
+                  "in % of the size (absolute value) of the mean plain margin. A negative shift means the right answer "
+                  "loses ground on every item, which is a systematic cost. A shift near 0 leaves the acc_norm change to "
+                  "item-specific reshuffling of near-ties. A slope below 1 shrinks every margin in proportion.", "",
                   "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
         for cond, label in margins:
             cells = [g[t][f"{cond}_gold_margin"] for t in TASKS]

@@ -26,8 +26,12 @@ def _gen(base, with_conditions):
 
 def test_render_and_plot(tmp_path):
     res = {
-        "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 400, "data_hash": "d", "backbone_fingerprint": "f",
-                     "train_config": {"edit_weight": 5.0, "probe_weight": 0.5, "preserve_weight": 2.0}},
+        "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 610, "data_hash": "d", "backbone_fingerprint": "f",
+                     "train_config": {"edit_weight": 5.0, "probe_weight": 0.5, "preserve_weight": 2.0, "preserve_texts": "qa"},
+                     "phases": [{"from_step": 0, "train_config": {"preserve_weight": 0.0}},
+                                {"from_step": 400, "train_config": {"preserve_weight": 2.0}},
+                                {"from_step": 550, "train_config": {"edit_weight": 5.0, "probe_weight": 0.5,
+                                                                    "preserve_weight": 2.0, "preserve_texts": "qa"}}]},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
         "gen": _gen(45.0, True),
         "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False),
@@ -35,8 +39,13 @@ def test_render_and_plot(tmp_path):
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
-    assert ("weighted x5, plus a preference probe on the thoughts (weight 0.5), plus, in the last training phase "
-            "(the README lists them all), KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2)") in md
+    assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
+            "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain "
+            "backbone || backbone after the thoughts) on BoolQ passages (weight 2) in steps 400-550 and on question-answer "
+            "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610;") in md
+    # a checkpoint without the phases metadata is described by its one recorded config
+    del res["aux_meta"]["phases"]
+    assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610;" in render(res)
     assert "| soft thoughts | shift -0.2 ± 1.7 %, slope 0.94 |" in md and "| summary as text | shift" not in md
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
     plot(res, tmp_path / "r.png")
