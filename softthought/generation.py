@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .backbone import Backbone
+from .detokenizer import IncrementalDetokenizer
 from .splice import Prompt, embed_prompt, left_pad
 
 
@@ -69,6 +70,7 @@ class _Sequence:
     prompt: Prompt
     params: SamplingParams
     generator: torch.Generator | None
+    detokenize: IncrementalDetokenizer
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
@@ -85,9 +87,14 @@ class _Sequence:
         )
 
 
+def _first_stop(text: str, stops: Sequence[str], start: int) -> int:
+    """Where the earliest stop string begins in `text`, searching from `start`; -1 if none does."""
+    return min((i for i in (text.find(stop, start) for stop in stops) if i >= 0), default=-1)
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` that may be the start of a stop string (or a partial UTF-8 char)."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """Characters at the end of `text` that may be the start of a stop string."""
+    hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:k]):
@@ -125,7 +132,8 @@ class Engine:
         if params.temperature > 0:
             generator = torch.Generator(device=self.backbone.device)
             generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        seq = _Sequence(request_id, prompt, params, generator, position=prompt.num_tokens)
+        seq = _Sequence(request_id, prompt, params, generator, IncrementalDetokenizer(self.backbone.tokenizer),
+                        position=prompt.num_tokens)
         with self._lock:
             self._waiting.append(seq)
         return request_id
@@ -222,13 +230,18 @@ class Engine:
         s.generated.append(token)
         s.position += 1
         if token in self.backbone.eos_token_ids and not s.params.ignore_eos:
+            s.text += s.detokenize(s.generated[:-1], final=True)  # the end-of-sequence token itself is not text
             s.finish_reason = "stop"
         else:
-            s.text = self.backbone.tokenizer.decode(s.generated, skip_special_tokens=True)
-            cut = min((i for i in (s.text.find(stop) for stop in s.params.stop) if i >= 0), default=-1)
+            searched = len(s.text)
+            length = len(s.generated) >= s.params.max_tokens or s.position >= self.backbone.max_context
+            s.text += s.detokenize(s.generated, final=length)
+            # text already searched cannot hold a whole stop string, but may hold the start of one
+            longest = max(map(len, s.params.stop), default=1)
+            cut = _first_stop(s.text, s.params.stop, max(0, searched - longest + 1))
             if cut >= 0:
                 s.text, s.finish_reason = s.text[:cut], "stop"
-            elif len(s.generated) >= s.params.max_tokens or s.position >= self.backbone.max_context:
+            elif length:
                 s.finish_reason = "length"
         end = len(s.text) if s.finish_reason else len(s.text) - _held_back(s.text, s.params.stop)
         delta, s.emitted = s.text[s.emitted : end], max(s.emitted, end)

@@ -104,6 +104,15 @@ def test_stream_deltas_add_up_and_never_show_the_stop_string(smollm):
     assert len(outs) > 3  # incremental, not one chunk
 
 
+def test_stream_of_split_and_broken_characters_adds_up_to_the_full_decode(tiny):
+    """A random-init model over a byte-level vocabulary emits raw bytes: characters split across tokens, invalid ones."""
+    prompt = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}])
+    outs = list(Engine(tiny).stream(prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=0, ignore_eos=True)))
+    r = outs[-1].result
+    assert any("\ufffd" in tiny.tokenizer.decode([t]) for t in r.token_ids)  # the case under test did occur
+    assert "".join(o.delta for o in outs) == r.text == tiny.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
 def test_sampling_is_reproducible_by_seed(smollm):
     engine = Engine(smollm)
     prompt = build_chat_prompt(smollm.tokenizer, CONVERSATIONS[1])
