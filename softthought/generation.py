@@ -191,7 +191,9 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> list[StepOutput]:
         embeds, mask, positions = left_pad([embed_prompt(self._embedding, s.prompt) for s in seqs])
         running_cache, running_mask = self._cache, self._mask
-        self._cache = DynamicCache(config=self.backbone.model.config)
+        # full-length layers even for sliding-window attention (the mask applies the window): a sliding layer keeps
+        # only the last window of keys, which cannot be padded and merged with the running batch's
+        self._cache = DynamicCache()
         logits = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         new_cache = self._cache
         if running_cache is not None and self.running:

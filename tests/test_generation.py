@@ -1,6 +1,8 @@
 import pytest
 import torch
+from transformers import AutoTokenizer, GenerationConfig, MistralConfig, MistralForCausalLM
 
+from softthought.backbone import load_backbone
 from softthought.generation import Engine, SamplingParams
 from softthought.splice import build_chat_prompt
 
@@ -165,3 +167,42 @@ def test_batch_on_tiny_model_of_another_family_with_thoughts(tiny):
     engine = Engine(tiny)
     params = SamplingParams(max_tokens=10, temperature=0)
     assert [r.token_ids for r in engine.generate(prompts, params)] == [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def sliding(tiny_dir, tmp_path_factory):
+    """A tiny Mistral whose attention sees only the last 8 positions; `sliding_window=None` gives the same weights
+    with full attention."""
+    def make(window):
+        directory = tmp_path_factory.mktemp(f"tiny-mistral-{window}")
+        tok = AutoTokenizer.from_pretrained(tiny_dir)
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, sliding_window=window))
+        model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model.save_pretrained(directory)
+        tok.save_pretrained(directory)
+        return load_backbone(str(directory), dtype="float32")
+    return make(8), make(None)
+
+
+def test_sliding_window_backbone_alone_batched_and_joining(sliding):
+    """Prompts and replies longer than the window; a request joins a running batch (the caches are merged)."""
+    bb, full_attention = sliding
+    messages = [[{"role": "user", "content": "The quick brown fox jumps over the lazy dog"}], [{"role": "user", "content": "Hi"}]]
+    prompts = [build_chat_prompt(bb.tokenizer, m) for m in messages]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine = Engine(bb)
+    alone = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert alone == [_hf_greedy(bb, m, 20) for m in messages]
+    assert alone != [Engine(full_attention).generate([p], params)[0].token_ids for p in prompts]  # the window matters
+    assert [r.token_ids for r in engine.generate(prompts, params)] == alone
+    first = engine.add(prompts[0], params)
+    for _ in range(12):  # past the window before the second request joins
+        engine.step()
+    second = engine.add(prompts[1], params)
+    results = {}
+    while engine.has_work():
+        results.update((o.request_id, o.result.token_ids) for o in engine.step() if o.finished)
+    assert [results[first], results[second]] == alone
