@@ -1,5 +1,5 @@
 """Shared fixtures: the real embedded backbone (fp32, so batched and single greedy decoding agree bit for
-bit), the real embedded encoder, and a tiny random-init model of another family with another template."""
+bit), the real embedded encoder, a tiny random-init model of another family with another template, and tiny sliding-window models."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ _CORPUS = [
 ] * 20
 
 
-def make_tiny_model(directory) -> str:
-    """A 2-layer Qwen2 with a freshly trained byte-level BPE tokenizer, saved as a plain HF directory."""
+def tiny_tokenizer():
+    """A freshly trained byte-level BPE tokenizer with a Gemma-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -51,16 +51,28 @@ def make_tiny_model(directory) -> str:
         tokenizer_object=tok, bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>", unk_token="<unk>"
     )
     fast.chat_template = GEMMA_TEMPLATE
+    return fast
+
+
+def save_tiny_model(directory, tokenizer, config_class=None, **config) -> str:
+    """A 2-layer random-init causal LM (a Qwen2 unless `config_class` says otherwise) over `tokenizer`, saved as a
+    plain HF directory."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    model = AutoModelForCausalLM.from_config((config_class or Qwen2Config)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **config,
+    ))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory)
-    fast.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def make_tiny_model(directory) -> str:
+    """A 2-layer Qwen2 with a freshly trained byte-level BPE tokenizer, saved as a plain HF directory."""
+    return save_tiny_model(directory, tiny_tokenizer())
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +99,15 @@ def smollm_aux(smollm):
 @pytest.fixture(scope="session")
 def aux_dir(smollm_aux, tmp_path_factory):
     return smollm_aux.save_pretrained(tmp_path_factory.mktemp("aux"))
+
+
+@pytest.fixture(scope="session")
+def sliding(tiny_dir, tmp_path_factory):
+    """A tiny Mistral whose attention sees only the last 8 positions, and the same weights with full attention."""
+    from transformers import AutoTokenizer, MistralConfig
+
+    def make(window):
+        directory = tmp_path_factory.mktemp(f"tiny-mistral-{window}")
+        save_tiny_model(directory, AutoTokenizer.from_pretrained(tiny_dir), MistralConfig, sliding_window=window)
+        return load_backbone(str(directory), dtype="float32")
+    return make(8), make(None)

@@ -1,8 +1,6 @@
 import pytest
 import torch
-from transformers import AutoTokenizer, GenerationConfig, MistralConfig, MistralForCausalLM
 
-from softthought.backbone import load_backbone
 from softthought.generation import Engine, SamplingParams
 from softthought.splice import build_chat_prompt
 
@@ -167,24 +165,6 @@ def test_batch_on_tiny_model_of_another_family_with_thoughts(tiny):
     engine = Engine(tiny)
     params = SamplingParams(max_tokens=10, temperature=0)
     assert [r.token_ids for r in engine.generate(prompts, params)] == [engine.generate([p], params)[0].token_ids for p in prompts]
-
-
-@pytest.fixture(scope="module")
-def sliding(tiny_dir, tmp_path_factory):
-    """A tiny Mistral whose attention sees only the last 8 positions; `sliding_window=None` gives the same weights
-    with full attention."""
-    def make(window):
-        directory = tmp_path_factory.mktemp(f"tiny-mistral-{window}")
-        tok = AutoTokenizer.from_pretrained(tiny_dir)
-        torch.manual_seed(0)
-        model = MistralForCausalLM(MistralConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, sliding_window=window))
-        model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        model.save_pretrained(directory)
-        tok.save_pretrained(directory)
-        return load_backbone(str(directory), dtype="float32")
-    return make(8), make(None)
 
 
 def test_sliding_window_backbone_alone_batched_and_joining(sliding):
