@@ -50,7 +50,8 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
     tok = backbone.tokenizer
     engine = Engine(backbone, max_batch_size=batch)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    report: dict = {"n_pairs": len(pairs), "n_users": len(users), "max_new_tokens": max_new_tokens, "seed": seed}
+    report: dict = {"n_pairs": len(pairs), "n_users": len(users), "pairs_per_user": pairs_per_user,
+                    "max_new_tokens": max_new_tokens, "seed": seed, "backbone_fingerprint": backbone.fingerprint}
     samples = []
     for cond in conditions:
         built = []
@@ -207,6 +208,16 @@ def _paired(a: list[int], b: list[int]) -> dict:
     return {"diff": 100 * mean, "diff_se": 100 * math.sqrt(var / n)}
 
 
+def against_plain(items: list[dict], plain: list[list[float]], reading: list[list[list[float]]]) -> tuple[dict, dict, dict]:
+    """Another reading of the same items against the plain backbone's: its acc / acc_norm (each item's correctness
+    averaged over the rounds of `reading`, one per user), the paired difference, and the gold-margin shift."""
+    right = [correctness(items, ll) for ll in reading]
+    scored = [tuple(sum(r[i][k] for r in right) / len(right) for k in range(2)) for i in range(len(items))]
+    base = correctness(items, plain)
+    minus = {m: _paired([p[k] for p in base], [s[k] for s in scored]) for k, m in enumerate(("acc", "acc_norm"))}
+    return _accs(scored), minus, gold_margin_shift(items, plain, reading)
+
+
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
@@ -218,35 +229,26 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     depend on the aux."""
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
-    user_thoughts = []
+    conditions = {}  # name -> each user's prefix
     if aux is not None:
         with torch.inference_mode():
-            user_thoughts = [aux.encode([u["summary"]])[0] for u in users]
-    report = {"n_users": len(users), "users_per_item": users_per_item, "seed": seed, "skip": skip,
-              "backbone_fingerprint": backbone.fingerprint}
+            conditions["soft"] = [aux.encode([u["summary"]])[0] for u in users]
+    if with_text:
+        conditions["text"] = [u["summary"] for u in users]
+    report = {"n": n, "n_users": len(users), "users_per_item": users_per_item, "seed": seed, "skip": skip,
+              "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint}
     for task in tasks:
         items = load_task(task, n, seed, skip)
         cached = (plain_loglik or {}).get(task)
         plain_ll = cached if cached and len(cached) == len(items) else \
             score_task(backbone, items, [None] * len(items), f"{task}/plain")
-        plain = correctness(items, plain_ll)
-        entry = {"n": len(items), "plain": _accs(plain), "plain_loglik": plain_ll}
-        conditions = {}
-        if aux is not None:
-            conditions["soft"] = user_thoughts
-        if with_text:
-            conditions["text"] = [u["summary"] for u in users]
+        entry = {"n": len(items), "plain": _accs(correctness(items, plain_ll)), "plain_loglik": plain_ll}
         for name, per_user in conditions.items():
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = score_task(backbone, [item for _ in rounds for item in items],
                               [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}")
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
-            right = [correctness(items, ll) for ll in per_round]
-            scored = [tuple(sum(r[i][k] for r in right) / users_per_item for k in range(2)) for i in range(len(items))]
-            entry[name] = _accs(scored)
-            entry[f"{name}_minus_plain"] = {m: _paired([p[k] for p in plain], [s[k] for s in scored])
-                                            for k, m in enumerate(("acc", "acc_norm"))}
-            entry[f"{name}_gold_margin"] = gold_margin_shift(items, plain_ll, per_round)
+            entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
     return report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +23,27 @@ from softthought.splice import build_chat_prompt, with_system_text
 from .data import read_jsonl
 from .train import Examples, TrainConfig, lr_factor, target_loss
 
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
-def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_dir: Path, seed: int,
-             backbone_name: str | None, dtype: str, max_target: int) -> Path:
-    torch.manual_seed(seed)
-    base = load_backbone(backbone_name, dtype=dtype)
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How a fine-tuned copy is trained; saved beside it as finetune.json, so a report reuses a copy only when it was
+    trained as asked."""
+    mode: str  # "lora" (r=16 on every projection, merged before saving) or "full"
+    steps: int
+    lr: float
+    batch_size: int = 8
+    seed: int = 0
+    dtype: str = "float32"
+    max_target_tokens: int = 96
+
+
+def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str | None = None) -> Path:
+    torch.manual_seed(cfg.seed)
+    base = load_backbone(backbone_name, dtype=cfg.dtype)
     model, tok = base.model, base.tokenizer
-    if mode == "lora":
+    if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
@@ -38,18 +53,20 @@ def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_
             p.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    cfg = TrainConfig(steps=steps, warmup_steps=min(20, steps // 5 + 1))
-    examples = Examples(read_jsonl(data_dir / "train_users.jsonl"), read_jsonl(data_dir / "answers.jsonl"), seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    schedule = TrainConfig(steps=cfg.steps, warmup_steps=min(20, cfg.steps // 5 + 1))
+    examples = Examples(read_jsonl(data_dir / "train_users.jsonl"), read_jsonl(data_dir / "answers.jsonl"), cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "log.jsonl").write_text("")  # no resume: a new copy, a new log
     t0 = time.perf_counter()
-    for step in tqdm(range(steps), desc=f"finetune/{mode}", unit="step"):
+    for step in tqdm(range(cfg.steps), desc=f"finetune/{cfg.mode}", unit="step"):
         for g in optimizer.param_groups:
-            g["lr"] = lr * lr_factor(step, cfg)
-        batch = [examples.sample() for _ in range(batch_size)]
+            g["lr"] = cfg.lr * lr_factor(step, schedule)
+        batch = [examples.sample() for _ in range(cfg.batch_size)]
         prompts = [build_chat_prompt(tok, with_system_text(tok, [{"role": "user", "content": ex.prompt}], ex.summary))
                    for ex in batch]
-        loss, _ = target_loss(model, model.get_input_embeddings(), tok, prompts, [ex.target for ex in batch], max_target)
+        loss, _ = target_loss(model, model.get_input_embeddings(), tok, prompts, [ex.target for ex in batch],
+                              cfg.max_target_tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -57,11 +74,12 @@ def finetune(mode: str, out: Path, steps: int, batch_size: int, lr: float, data_
         if (step + 1) % 10 == 0:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps({"step": step + 1, "loss": loss.item(), "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
-    if mode == "lora":
+    if cfg.mode == "lora":
         model = model.merge_and_unload()
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    (out / "finetune.json").write_text(json.dumps(asdict(cfg), indent=2))
     return out
 
 
@@ -78,9 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-target-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    lr = a.lr or (2e-4 if a.mode == "lora" else 2e-5)
-    print(finetune(a.mode, Path(a.out), a.steps, a.batch_size, lr, Path(a.data_dir), a.seed, a.backbone, a.dtype,
-                   a.max_target_tokens))
+    cfg = FinetuneConfig(a.mode, a.steps, a.lr or DEFAULT_LR[a.mode], a.batch_size, a.seed, a.dtype, a.max_target_tokens)
+    print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone))
 
 
 if __name__ == "__main__":

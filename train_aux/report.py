@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+from dataclasses import asdict
 from pathlib import Path
 
 from softthought.aux_model import SoftThoughtAux
@@ -19,12 +19,13 @@ from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
-from .eval import general, personalization
-from .finetune import finetune
+from .eval import against_plain, general, load_task, personalization
+from .finetune import DEFAULT_LR, FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
 TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
+CHANGED = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
 
 
 def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings) -> dict:
@@ -59,22 +60,48 @@ def collect(args) -> dict:
     backbone = load_backbone(None, dtype="bfloat16")
     aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=backbone).eval()
     res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
+    pers_settings = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "pairs_per_user": args.pairs_per_user}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
-        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version)
+        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
+        backbone_fingerprint=backbone.fingerprint, **pers_settings)
     plain = None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed)
+    conditions = ["soft", "text"] if args.general_text else ["soft"]
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
         backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
-        plain_loglik=plain, users_per_item=args.users_per_item), aux.version, users_per_item=args.users_per_item)
+        plain_loglik=plain, users_per_item=args.users_per_item), aux.version, backbone_fingerprint=backbone.fingerprint,
+        n=args.n, seed=args.seed, users_per_item=args.users_per_item, conditions=conditions)
+    ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
-        if not (ft_dir / "config.json").exists():
-            finetune(mode, ft_dir, steps, 8, 2e-4 if mode == "lora" else 2e-5, data, args.seed, None, "float32", 96)
+        cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
+        res[f"ft_{mode}"] = asdict(cfg)
+        if _recorded(ft_dir / "finetune.json") != asdict(cfg):  # missing, or trained with other settings
+            finetune(cfg, ft_dir, data)
         ft = load_backbone(str(ft_dir), dtype="bfloat16")
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
-            ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")))
+            ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")),
+            backbone_fingerprint=ft.fingerprint, **pers_settings)
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
-            ft, None, users[: args.max_users], TASKS, args.ft_n or args.n, args.seed))
+            ft, None, users[: args.max_users], TASKS, ft_n, args.seed), backbone_fingerprint=ft.fingerprint, n=ft_n, seed=args.seed)
+        # paired with the plain backbone on the same items: the first ft_n of the general-ability items
+        res[f"gen_{mode}_paired"] = {}
+        for t in TASKS:
+            _, minus, margin = against_plain(load_task(t, ft_n, args.seed), res["gen"][t]["plain_loglik"][:ft_n],
+                                             [res[f"gen_{mode}"][t]["plain_loglik"]])
+            res[f"gen_{mode}_paired"][t] = {"minus_plain": minus, "gold_margin": margin}
     return res
+
+
+def _recorded(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _against_plain(res: dict) -> list[tuple[str, dict]]:
+    """(system, {task: {"minus_plain", "gold_margin"}}) for every system scored against the plain backbone on its items."""
+    g = res["gen"]
+    out = [(c, {t: {"minus_plain": g[t][f"{c}_minus_plain"], "gold_margin": g[t][f"{c}_gold_margin"]} for t in TASKS})
+           for c in ("soft", "text") if f"{c}_minus_plain" in g[TASKS[0]]]
+    return out + [(mode, res[f"gen_{mode}_paired"]) for mode in ("lora", "full")]
 
 
 def _pm(value: float, se: float, digits: int = 1) -> str:
@@ -104,7 +131,7 @@ def rows(res: dict) -> list[dict]:
 
 
 def _objective(meta: dict) -> str:
-    """How the aux was trained, phase by phase, and how the fine-tuned baselines were (they share the data, not the loss)."""
+    """How the aux was trained, phase by phase."""
     texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
              "backbone's own answers", "boolq+qa": "BoolQ passages and question-answer text"}
     phases = meta.get("phases") or [{"from_step": 0, "train_config": meta.get("train_config", {})}]
@@ -115,8 +142,14 @@ def _objective(meta: dict) -> str:
     preserve = f", plus KL(plain backbone || backbone after the thoughts) {' and '.join(kl)}" if kl else ""
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
-            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}; the fine-tuned "
-            "baselines use the same examples with plain cross-entropy and the summary as text.")
+            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}.")
+
+
+def _baselines(res: dict) -> str:
+    lora, full = res["ft_lora"], res["ft_full"]
+    return ("Fine-tuned baselines: the same examples, plain cross-entropy, the summary as text; LoRA (r=16 on every "
+            f"projection) {lora['steps']} steps at lr {lora['lr']:g}, full fine-tuning {full['steps']} steps at lr "
+            f"{full['lr']:g}, batch {lora['batch_size']}, {lora['dtype']}.")
 
 
 def render(res: dict) -> str:
@@ -129,7 +162,7 @@ def render(res: dict) -> str:
         f"Auxiliary checkpoint `{meta['version']}`: K={meta['num_thoughts']}, trained {meta.get('steps', '?')} steps on "
         f"data `{meta.get('data_hash', '?')}`, backbone fingerprint `{meta.get('backbone_fingerprint', '?')}` "
         "(identical before and after training).",
-        _objective(meta), "",
+        _objective(meta), _baselines(res), "",
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
         "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "
@@ -147,34 +180,23 @@ def render(res: dict) -> str:
         lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | " + " | ".join(general) + " |")
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
-    for cond, label in (("soft", "soft thoughts (paired)"), ("text", "summary as text (paired)")):
-        if f"{cond}_minus_plain" not in g[TASKS[0]]:
-            continue
-        diffs = [g[t][f"{cond}_minus_plain"]["acc_norm"] for t in TASKS]
+    for key, block in _against_plain(res):
+        diffs = [block[t]["minus_plain"]["acc_norm"] for t in TASKS]
+        n = "" if key in ("soft", "text") else f", n={res[f'gen_{key}'][TASKS[0]]['n']}"
         mean = sum(d["diff"] for d in diffs) / len(diffs)
-        lines.append(f"| {label} | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs) + f" | {mean:+.2f} |")
-    for mode, label in (("lora", "LoRA fine-tuned (unpaired)"), ("full", "fully fine-tuned (unpaired)")):
-        cells, total = [], 0.0
-        for t in TASKS:
-            ft, base = res[f"gen_{mode}"][t]["plain"], g[t]["plain"]
-            d = ft["acc_norm"] - base["acc_norm"]
-            total += d
-            cells.append(_pm(d, math.hypot(ft["acc_norm_se"], base["acc_norm_se"])))
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {total / len(TASKS):+.2f} |")
-    margins = [(cond, label) for cond, label in (("soft", "soft thoughts"), ("text", "summary as text"))
-               if f"{cond}_gold_margin" in g[TASKS[0]]]
-    if margins:
-        lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
-                  "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other "
-                  "choices'. Fitted over items, margin with the prefix = slope × plain margin + shift. The shift is given "
-                  "in % of the size (absolute value) of the mean plain margin. A negative shift means the right answer "
-                  "loses ground on every item, which is a systematic cost. A shift near 0 leaves the acc_norm change to "
-                  "item-specific reshuffling of near-ties. A slope below 1 shrinks every margin in proportion.", "",
-                  "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
-        for cond, label in margins:
-            cells = [g[t][f"{cond}_gold_margin"] for t in TASKS]
-            lines.append(f"| {label} | " + " | ".join(
-                f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}" for m in cells) + " |")
+        lines.append(f"| {CHANGED[key]} (paired{n}) | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs)
+                     + f" | {mean:+.2f} |")
+    lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
+              "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other choices'. "
+              "Fitted over items, margin with the prefix (or after fine-tuning) = slope × plain margin + shift. The shift is "
+              "given in % of the size (absolute value) of the mean plain margin. A negative shift means the right answer "
+              "loses ground on every item, which is a systematic cost. A shift near 0 leaves the acc_norm change to "
+              "item-specific reshuffling of near-ties. A slope below 1 shrinks every margin in proportion.", "",
+              "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for key, block in _against_plain(res):
+        lines.append(f"| {CHANGED[key]} | " + " | ".join(
+            f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}"
+            for m in (block[t]["gold_margin"] for t in TASKS)) + " |")
     ids = sorted(p["soft"]["per_instruction"])
     lines += ["", "## Personalization per preference (% of checks passed)", "",
               "| check | n | none | text | soft | LoRA + text | full FT + text |", "|---|---|---|---|---|---|---|"]
@@ -197,19 +219,26 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = rows(res)
-    labels = ["none", "text", "soft (ours)", "LoRA FT", "full FT"]
-    colors = ["#999999", "#6a9fd4", "#d62728", "#8c6bb1", "#e6a532"]
+    labels = {"none": "none", "text": "text", "soft": "soft (ours)", "lora": "LoRA FT", "full": "full FT"}
+    colors = {"none": "#999999", "text": "#6a9fd4", "soft": "#d62728", "lora": "#8c6bb1", "full": "#e6a532"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    a.bar(labels, [r["pers"][0] for r in table], yerr=[r["pers"][1] for r in table], color=colors, capsize=4)
+    a.bar(list(labels.values()), [r["pers"][0] for r in table], yerr=[r["pers"][1] for r in table],
+          color=list(colors.values()), capsize=4)
     a.set(ylabel="checks passed (%)", title="Personalization (unseen users and phrasings)")
-    width = 0.16
-    for k, (r, color, label) in enumerate(zip(table, colors, labels)):
-        xs = [i + (k - 2) * width for i in range(len(TASKS))]
-        b.bar(xs, [r["gen"][t][0] for t in TASKS], width, yerr=[r["gen"][t][1] for t in TASKS], color=color,
-              label=label, capsize=2)
+    # general ability as what matters: each system's paired change against the plain backbone, with the ±1 point bar
+    systems = _against_plain(res)
+    width = 0.8 / len(systems)
+    for k, (key, block) in enumerate(systems):
+        xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(TASKS))]
+        diffs = [block[t]["minus_plain"]["acc_norm"] for t in TASKS]
+        b.bar(xs, [d["diff"] for d in diffs], width, yerr=[d["diff_se"] for d in diffs], color=colors[key],
+              label=labels[key], capsize=2)
+    b.axhline(0, color="black", linewidth=0.8)
+    for y in (-1, 1):
+        b.axhline(y, color="gray", linestyle="--", linewidth=0.8)
     b.set_xticks(range(len(TASKS)), [TASK_NAMES[t] for t in TASKS])
-    b.set(ylabel="acc_norm (%)", title="General ability", ylim=(20, 75))
-    b.legend(ncol=3, fontsize=8)
+    b.set(ylabel="acc_norm change vs plain (points, paired)", title="General ability (± 1 SE; dashed: ±1 point)")
+    b.legend(ncol=len(systems), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -234,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerun", action="store_true")
     args = ap.parse_args(argv)
+    if args.ft_n and args.ft_n > args.n:
+        ap.error("--ft-n cannot exceed --n: the fine-tuned baselines are paired with the plain backbone on its items")
     res = collect(args)
     (HERE / "RESULTS.md").write_text(render(res))
     plot(res, HERE / "results.png")

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from train_aux.eval import correctness, gold_margin_shift
+from train_aux.eval import against_plain, correctness, gold_margin_shift
 
 
 def _items(n=300, seed=0):
@@ -55,3 +55,17 @@ def test_gold_margin_shift_separates_a_systematic_loss_from_rescaling_and_noise(
     noisy = _per_byte_edit(items, plain, lambda item, v: [x + rng.gauss(0, 0.2) for x in v])
     m = gold_margin_shift(items, plain, [noisy])
     assert abs(m["shift"]) < 3 * m["shift_se"] and 0 < m["shift_se"] < 0.05
+
+
+def test_against_plain_pairs_each_item_with_itself():
+    items, plain = _items(200)
+    # the gold choice made certain on the first 50 items: exactly those the plain backbone got wrong turn right
+    boosted = _per_byte_edit(items[:50], plain[:50], lambda item, v: [0.0 if i == item["gold"] else x for i, x in enumerate(v)])
+    wrong = sum(1 - r[1] for r in correctness(items[:50], plain[:50]))
+    accs, minus, margin = against_plain(items, plain, [boosted + plain[50:]])
+    assert minus["acc_norm"]["diff"] == pytest.approx(100 * wrong / 200) and minus["acc_norm"]["diff_se"] > 0
+    assert accs["acc_norm"] == pytest.approx(100 * sum(r[1] for r in correctness(items, plain)) / 200 + 100 * wrong / 200)
+    assert margin["shift"] > 0
+    # itself: no change, no standard error; two rounds are averaged per item (one right, one as plain: half the gain)
+    assert against_plain(items, plain, [plain])[1]["acc_norm"] == {"diff": 0.0, "diff_se": 0.0}
+    assert against_plain(items, plain, [boosted + plain[50:], plain])[1]["acc_norm"]["diff"] == pytest.approx(50 * wrong / 200)

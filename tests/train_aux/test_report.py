@@ -1,5 +1,7 @@
 import json
+from dataclasses import asdict
 
+from train_aux.finetune import FinetuneConfig
 from train_aux.report import TASKS, _plain_loglik, _run, plot, render
 
 
@@ -10,18 +12,24 @@ def _pers(rate):
     return block
 
 
-def _gen(base, with_conditions):
+def _gen(base, with_conditions, n=1000):
     out = {"n_users": 8, "seed": 0}
     for t in TASKS:
-        entry = {"n": 1000, "plain": {"acc": base, "acc_se": 1.5, "acc_norm": base, "acc_norm_se": 1.5}}
+        entry = {"n": n, "plain": {"acc": base, "acc_se": 1.5, "acc_norm": base, "acc_norm_se": 1.5}}
         if with_conditions:
             for c in ("soft", "text"):
                 entry[c] = {"acc": base - 0.5, "acc_se": 1.5, "acc_norm": base - 0.5, "acc_norm_se": 1.5}
                 entry[f"{c}_minus_plain"] = {"acc": {"diff": -0.5, "diff_se": 0.4}, "acc_norm": {"diff": -0.5, "diff_se": 0.4}}
-            entry["soft_gold_margin"] = {"plain_margin": 0.16, "slope": 0.94, "shift": -0.0004, "shift_se": 0.0027,
-                                         "shift_pct": -0.25, "shift_pct_se": 1.69}
+                entry[f"{c}_gold_margin"] = {"plain_margin": 0.16, "slope": 0.94 if c == "soft" else 0.9, "shift": -0.0004,
+                                             "shift_se": 0.0027, "shift_pct": -0.25, "shift_pct_se": 1.69}
         out[t] = entry
     return out
+
+
+def _paired(diff):
+    margin = {"plain_margin": 0.16, "slope": 0.8, "shift": -0.01, "shift_se": 0.002, "shift_pct": -6.25, "shift_pct_se": 1.25}
+    return {t: {"minus_plain": {"acc": {"diff": diff, "diff_se": 1.1}, "acc_norm": {"diff": diff, "diff_se": 1.1}},
+                "gold_margin": margin} for t in TASKS}
 
 
 def test_render_and_plot(tmp_path):
@@ -34,20 +42,30 @@ def test_render_and_plot(tmp_path):
                                                                     "preserve_weight": 2.0, "preserve_texts": "qa"}}]},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
         "gen": _gen(45.0, True),
-        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False),
-        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, False),
+        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False, n=300), "gen_lora_paired": _paired(-2.5),
+        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, False, n=300), "gen_full_paired": _paired(-4.0),
+        "ft_lora": asdict(FinetuneConfig("lora", 100, 2e-4)), "ft_full": asdict(FinetuneConfig("full", 80, 2e-5)),
     }
     md = render(res)
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
             "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain "
             "backbone || backbone after the thoughts) on BoolQ passages (weight 2) in steps 400-550 and on question-answer "
-            "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610;") in md
+            "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610.") in md
+    assert ("LoRA (r=16 on every projection) 100 steps at lr 0.0002, full fine-tuning 80 steps at lr 2e-05, batch 8, "
+            "float32.") in md
     # a checkpoint without the phases metadata is described by its one recorded config
     del res["aux_meta"]["phases"]
-    assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610;" in render(res)
-    assert "| soft thoughts | shift -0.2 ± 1.7 %, slope 0.94 |" in md and "| summary as text | shift" not in md
-    assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| LoRA fine-tuned (unpaired) | -5.0 ± 2.1" in md
+    assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610." in render(res)
+    assert "| soft thoughts | shift -0.2 ± 1.7 %, slope 0.94 |" in md and "| summary as text | shift -0.2 ± 1.7 %, slope 0.90 |" in md
+    assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| summary as text (paired) | -0.5 ± 0.4" in md
+    assert "| LoRA fine-tuned (paired, n=300) | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.50 |" in md
+    assert "| fully fine-tuned | shift -6.2 ± 1.2 %, slope 0.80 |" in md
+    for t in TASKS:  # --no-general-text: the text condition was not scored and has no rows
+        for key in ("text", "text_minus_plain", "text_gold_margin"):
+            del res["gen"][t][key]
+    md = render(res)
+    assert "summary as text (paired)" not in md and "| summary as text | shift" not in md and "| not run |" in md
     plot(res, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
 

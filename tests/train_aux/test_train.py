@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -131,10 +132,11 @@ def test_benchmark_tasks_load_with_gold_labels():
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_finetune_baselines_train_a_copy_and_save_a_loadable_model(tmp_path, data_dir, tiny_dir, tiny, mode):
-    from train_aux.finetune import finetune
+    from train_aux.finetune import FinetuneConfig, finetune
 
-    out = finetune(mode, tmp_path / mode, steps=2, batch_size=2, lr=1e-3, data_dir=data_dir, seed=0,
-                   backbone_name=tiny_dir, dtype="float32", max_target=16)
+    cfg = FinetuneConfig(mode, steps=2, lr=1e-3, batch_size=2, max_target_tokens=16)
+    out = finetune(cfg, tmp_path / mode, data_dir, backbone_name=tiny_dir)
+    assert json.loads((out / "finetune.json").read_text()) == asdict(cfg)  # what a report compares before reusing it
     tuned = load_backbone(str(out), dtype="float32")
     assert tuned.fingerprint != tiny.fingerprint  # the copy was trained
     assert load_backbone(tiny_dir, dtype="float32").fingerprint == tiny.fingerprint  # the original was not
