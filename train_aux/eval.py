@@ -218,6 +218,16 @@ def against_plain(items: list[dict], plain: list[list[float]], reading: list[lis
     return _accs(scored), minus, gold_margin_shift(items, plain, reading)
 
 
+def plain_against(reference: dict, other: dict, tasks: list[str], n: int, seed: int, skip: int = 0) -> dict:
+    """Two `general` results on the same items (the first n of `reference`'s): `other`'s plain backbone (e.g. a
+    fine-tuned copy) paired against `reference`'s, per task {"minus_plain", "gold_margin"}."""
+    out = {}
+    for t in tasks:
+        _, minus, margin = against_plain(load_task(t, n, seed, skip), reference[t]["plain_loglik"][:n], [other[t]["plain_loglik"]])
+        out[t] = {"minus_plain": minus, "gold_margin": margin}
+    return out
+
+
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
@@ -279,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--with-text", action="store_true", help="also score with the summary written as text")
     g.add_argument("--skip", type=int, default=0,
                    help="score items SKIP..SKIP+n of the shuffle: a dev split for choosing checkpoints (the report uses 0)")
+    g.add_argument("--paired-with", metavar="JSON",
+                   help="an earlier `general` result on the same items (e.g. train_aux/results/general.json): this "
+                        "backbone's plain scores are paired against its plain scores (for a fine-tuned copy)")
     for s in (p, g):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
@@ -303,8 +316,16 @@ def main(argv: list[str] | None = None) -> None:
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
                                  conditions)
     else:
-        report = general(backbone, aux, users[: args.max_users], args.tasks.split(","), args.n, args.seed, args.with_text,
+        tasks = args.tasks.split(",")
+        reference = json.loads(Path(args.paired_with).read_text()) if args.paired_with else None
+        if reference and (reference.get("seed") != args.seed or reference.get("skip", 0) != args.skip
+                          or any(reference.get(t, {}).get("n", 0) < args.n for t in tasks)):
+            ap.error(f"--paired-with {args.paired_with}: not scored on these items (seed {args.seed}, skip {args.skip}, "
+                     f"{args.n} items of {', '.join(tasks)})")
+        report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
                          users_per_item=args.users_per_item, skip=args.skip)
+        for t, compared in (plain_against(reference, report, tasks, args.n, args.seed, args.skip) if reference else {}).items():
+            report[t]["plain_vs_paired_with"] = compared
     report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
     report["aux_version"] = aux.version if aux is not None else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
-from .eval import against_plain, general, load_task, personalization
+from .eval import general, personalization, plain_against
 from .finetune import DEFAULT_LR, FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
@@ -84,11 +84,7 @@ def collect(args) -> dict:
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
             ft, None, users[: args.max_users], TASKS, ft_n, args.seed), backbone_fingerprint=ft.fingerprint, n=ft_n, seed=args.seed)
         # paired with the plain backbone on the same items: the first ft_n of the general-ability items
-        res[f"gen_{mode}_paired"] = {}
-        for t in TASKS:
-            _, minus, margin = against_plain(load_task(t, ft_n, args.seed), res["gen"][t]["plain_loglik"][:ft_n],
-                                             [res[f"gen_{mode}"][t]["plain_loglik"]])
-            res[f"gen_{mode}_paired"][t] = {"minus_plain": minus, "gold_margin": margin}
+        res[f"gen_{mode}_paired"] = plain_against(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
 
 

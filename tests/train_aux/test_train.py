@@ -119,6 +119,32 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
         general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=4)
 
 
+def test_general_cli_pairs_another_backbone_with_an_earlier_result(tiny_dir, tmp_path, capsys):
+    from train_aux.eval import main
+
+    write_jsonl(tmp_path / "users.jsonl", make_users(2, 5, "e", held_out_phrasing=True))
+    args = ["general", "--no-aux", "--backbone", tiny_dir, "--dtype", "float32", "--tasks", "piqa", "--n", "6",
+            "--users", str(tmp_path / "users.jsonl")]
+    main(args + ["--json", str(tmp_path / "base.json")])
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert "plain_vs_paired_with" not in base["piqa"]
+    # the reference's plain backbone prefers the other choice on every item (summed log-likelihood, acc): every item
+    # the tiny model gets right is one the reference got wrong, and the other way round
+    for s in base["piqa"]["plain_loglik"]:
+        s.reverse()
+    (tmp_path / "swapped.json").write_text(json.dumps(base))
+    main(args + ["--json", str(tmp_path / "paired.json"), "--paired-with", str(tmp_path / "swapped.json")])
+    paired = json.loads((tmp_path / "paired.json").read_text())["piqa"]
+    right = paired["plain"]["acc"] / 100
+    assert paired["plain_vs_paired_with"]["minus_plain"]["acc"]["diff"] == pytest.approx(100 * (2 * right - 1))
+    assert set(paired["plain_vs_paired_with"]["gold_margin"]) >= {"slope", "shift", "shift_pct"}
+    assert "plain_vs_paired_with" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the reference scored fewer items than asked for
+        main(["general", "--no-aux", "--backbone", tiny_dir, "--tasks", "piqa", "--n", "7", "--users",
+              str(tmp_path / "users.jsonl"), "--json", str(tmp_path / "x.json"), "--paired-with", str(tmp_path / "base.json")])
+    assert "not scored on these items" in capsys.readouterr().err
+
+
 def test_benchmark_tasks_load_with_gold_labels():
     for task, k in (("hellaswag", 4), ("arc_easy", None), ("piqa", 2)):
         items = load_task(task, 20, 0)
