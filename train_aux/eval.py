@@ -218,7 +218,7 @@ def against_plain(items: list[dict], plain: list[list[float]], reading: list[lis
     return _accs(scored), minus, gold_margin_shift(items, plain, reading)
 
 
-def plain_against(reference: dict, other: dict, tasks: list[str], n: int, seed: int, skip: int = 0) -> dict:
+def paired_backbones(reference: dict, other: dict, tasks: list[str], n: int, seed: int, skip: int = 0) -> dict:
     """Two `general` results on the same items (the first n of `reference`'s): `other`'s plain backbone (e.g. a
     fine-tuned copy) paired against `reference`'s, per task {"minus_plain", "gold_margin"}."""
     out = {}
@@ -324,8 +324,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.n} items of {', '.join(tasks)})")
         report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
                          users_per_item=args.users_per_item, skip=args.skip)
-        for t, compared in (plain_against(reference, report, tasks, args.n, args.seed, args.skip) if reference else {}).items():
-            report[t]["plain_vs_paired_with"] = compared
+        if reference:
+            for t, compared in paired_backbones(reference, report, tasks, args.n, args.seed, args.skip).items():
+                report[t]["plain_vs_paired_with"] = compared
     report["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint}
     report["aux_version"] = aux.version if aux is not None else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
-from .eval import general, personalization, plain_against
+from .eval import general, paired_backbones, personalization
 from .finetune import DEFAULT_LR, FinetuneConfig, finetune
 
 HERE = Path(__file__).parent
@@ -84,7 +84,7 @@ def collect(args) -> dict:
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
             ft, None, users[: args.max_users], TASKS, ft_n, args.seed), backbone_fingerprint=ft.fingerprint, n=ft_n, seed=args.seed)
         # paired with the plain backbone on the same items: the first ft_n of the general-ability items
-        res[f"gen_{mode}_paired"] = plain_against(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
+        res[f"gen_{mode}_paired"] = paired_backbones(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
 
 
@@ -92,7 +92,7 @@ def _recorded(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _against_plain(res: dict) -> list[tuple[str, dict]]:
+def _paired_systems(res: dict) -> list[tuple[str, dict]]:
     """(system, {task: {"minus_plain", "gold_margin"}}) for every system scored against the plain backbone on its items."""
     g = res["gen"]
     out = [(c, {t: {"minus_plain": g[t][f"{c}_minus_plain"], "gold_margin": g[t][f"{c}_gold_margin"]} for t in TASKS})
@@ -176,7 +176,7 @@ def render(res: dict) -> str:
         lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | " + " | ".join(general) + " |")
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
-    for key, block in _against_plain(res):
+    for key, block in _paired_systems(res):
         diffs = [block[t]["minus_plain"]["acc_norm"] for t in TASKS]
         n = "" if key in ("soft", "text") else f", n={res[f'gen_{key}'][TASKS[0]]['n']}"
         mean = sum(d["diff"] for d in diffs) / len(diffs)
@@ -189,7 +189,7 @@ def render(res: dict) -> str:
               "loses ground on every item, which is a systematic cost. A shift near 0 leaves the acc_norm change to "
               "item-specific reshuffling of near-ties. A slope below 1 shrinks every margin in proportion.", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
-    for key, block in _against_plain(res):
+    for key, block in _paired_systems(res):
         lines.append(f"| {CHANGED[key]} | " + " | ".join(
             f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}"
             for m in (block[t]["gold_margin"] for t in TASKS)) + " |")
@@ -222,7 +222,7 @@ def plot(res: dict, path: Path) -> None:
           color=list(colors.values()), capsize=4)
     a.set(ylabel="checks passed (%)", title="Personalization (unseen users and phrasings)")
     # general ability as what matters: each system's paired change against the plain backbone, with the ±1 point bar
-    systems = _against_plain(res)
+    systems = _paired_systems(res)
     width = 0.8 / len(systems)
     for k, (key, block) in enumerate(systems):
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(TASKS))]
