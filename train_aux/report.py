@@ -4,7 +4,9 @@ personalization and general accuracy, with n and standard errors.
     python -m train_aux.report            # runs whatever evaluation (or baseline fine-tuning) is missing
     python -m train_aux.report --rerun    # runs every evaluation again
 
-Evaluation JSONs are kept in train_aux/results/ so the table can be rendered again without re-running.
+Evaluation JSONs are kept in train_aux/results/ so the table can be rendered again without re-running; each is
+reused only when it was scored with this aux, backbone, n, seed and settings, and a fine-tuned copy in --runs only
+when its finetune.json matches the asked steps.
 """
 
 from __future__ import annotations
