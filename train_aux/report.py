@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-users", type=int, default=8)
     ap.add_argument("--users-per-item", type=int, default=4,
                     help="general ability: users whose thoughts score each item, averaged (--max-users for all)")
-    ap.add_argument("--lora-steps", type=int, default=200)
-    ap.add_argument("--full-steps", type=int, default=150)
+    ap.add_argument("--lora-steps", type=int, default=100)
+    ap.add_argument("--full-steps", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerun", action="store_true")
     args = ap.parse_args(argv)
