@@ -27,26 +27,28 @@ from .finetune import DEFAULT_LR, FinetuneConfig, finetune
 HERE = Path(__file__).parent
 TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
-CHANGED = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
+SYSTEM_LABELS = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
+
+
+def _recorded(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings) -> dict:
     """A cached evaluation, run again when asked, when missing, or when it scored another aux checkpoint or with
     other `settings` (fields of the result)."""
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if rerun or not cached or cached.get("aux_version") != aux_version or any(cached.get(k) != v for k, v in settings.items()):
-        result = {**fn(), "aux_version": aux_version}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-    return json.loads(path.read_text())
+    cached = _recorded(path)
+    if not rerun and cached and cached.get("aux_version") == aux_version and all(cached.get(k) == v for k, v in settings.items()):
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**fn(), "aux_version": aux_version}, indent=2))
+    return json.loads(path.read_text())  # as the JSON holds it, so a fresh result reads like a cached one
 
 
 def _plain_loglik(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
     """The plain backbone's per-choice scores from an earlier general.json on the same backbone, n, seed and items."""
-    if not path.exists():
-        return None
-    old = json.loads(path.read_text())
-    if old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0:
+    old = _recorded(path)
+    if not old or old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0:
         return None
     return {t: old[t]["plain_loglik"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_loglik" in old[t]}
 
@@ -66,18 +68,19 @@ def collect(args) -> dict:
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
         backbone_fingerprint=backbone.fingerprint, **pers_settings)
-    plain = None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed)
     conditions = ["soft", "text"] if args.general_text else ["soft"]
+    # read only when scoring, before general.json is rewritten: the plain scores depend on neither aux nor conditions
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
         backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
-        plain_loglik=plain, users_per_item=args.users_per_item), aux.version, backbone_fingerprint=backbone.fingerprint,
+        plain_loglik=None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed),
+        users_per_item=args.users_per_item), aux.version, backbone_fingerprint=backbone.fingerprint,
         n=args.n, seed=args.seed, users_per_item=args.users_per_item, conditions=conditions)
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
         res[f"ft_{mode}"] = asdict(cfg)
-        if _recorded(ft_dir / "finetune.json") != asdict(cfg):  # missing, or trained with other settings
+        if _recorded(ft_dir / "finetune.json") != res[f"ft_{mode}"]:  # missing, or trained with other settings
             finetune(cfg, ft_dir, data)
         ft = load_backbone(str(ft_dir), dtype="bfloat16")
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
@@ -88,10 +91,6 @@ def collect(args) -> dict:
         # paired with the plain backbone on the same items: the first ft_n of the general-ability items
         res[f"gen_{mode}_paired"] = paired_backbones(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
-
-
-def _recorded(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _paired_systems(res: dict) -> list[tuple[str, dict]]:
@@ -182,7 +181,7 @@ def render(res: dict) -> str:
         diffs = [block[t]["minus_plain"]["acc_norm"] for t in TASKS]
         n = "" if key in ("soft", "text") else f", n={res[f'gen_{key}'][TASKS[0]]['n']}"
         mean = sum(d["diff"] for d in diffs) / len(diffs)
-        lines.append(f"| {CHANGED[key]} (paired{n}) | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs)
+        lines.append(f"| {SYSTEM_LABELS[key]} (paired{n}) | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs)
                      + f" | {mean:+.2f} |")
     lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
               "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other choices'. "
@@ -192,7 +191,7 @@ def render(res: dict) -> str:
               "item-specific reshuffling of near-ties. A slope below 1 shrinks every margin in proportion.", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for key, block in _paired_systems(res):
-        lines.append(f"| {CHANGED[key]} | " + " | ".join(
+        lines.append(f"| {SYSTEM_LABELS[key]} | " + " | ".join(
             f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}"
             for m in (block[t]["gold_margin"] for t in TASKS)) + " |")
     ids = sorted(p["soft"]["per_instruction"])
