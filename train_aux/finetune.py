@@ -2,8 +2,8 @@
 written as text in the system turn. This trains a *copy* saved elsewhere, only to compare against; softthought
 never trains its backbone.
 
-    python -m train_aux.finetune --mode lora --out runs/ft-lora
-    python -m train_aux.finetune --mode full --out runs/ft-full
+    python -m train_aux.finetune --mode lora --out runs/ft-lora      # 100 steps, as RESULTS.md's baseline
+    python -m train_aux.finetune --mode full --out runs/ft-full      # 80 steps
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from softthought.backbone import load_backbone
 from softthought.splice import build_chat_prompt, with_system_text
 
 from .data import read_jsonl
-from .train import Examples, TrainConfig, lr_factor, target_loss
+from .train import Examples, TrainConfig, data_hash, lr_factor, target_loss
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+DEFAULT_STEPS = {"lora": 100, "full": 80}  # the budgets of the baselines in RESULTS.md
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class FinetuneConfig:
     seed: int = 0
     dtype: str = "float32"
     max_target_tokens: int = 96
+
+
+def recipe(cfg: FinetuneConfig, data_dir: Path) -> dict:
+    """What finetune.json records: the config and the data trained on, so a copy is not reused after the data changed."""
+    return {**asdict(cfg), "data_hash": data_hash(data_dir)}
 
 
 def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str | None = None) -> Path:
@@ -79,7 +85,7 @@ def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str 
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "finetune.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "finetune.json").write_text(json.dumps(recipe(cfg, data_dir), indent=2))
     return out
 
 
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["lora", "full"], required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, help="default: 100 for LoRA, 80 for full")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, help="default: 2e-4 for LoRA, 2e-5 for full")
     ap.add_argument("--data-dir", default="train_aux/data")
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-target-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    cfg = FinetuneConfig(a.mode, a.steps, a.lr or DEFAULT_LR[a.mode], a.batch_size, a.seed, a.dtype, a.max_target_tokens)
+    cfg = FinetuneConfig(a.mode, a.steps or DEFAULT_STEPS[a.mode], a.lr or DEFAULT_LR[a.mode], a.batch_size, a.seed, a.dtype,
+                         a.max_target_tokens)
     print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone))
 
 

@@ -6,14 +6,13 @@ personalization and general accuracy, with n and standard errors.
 
 Evaluation JSONs are kept in train_aux/results/ so the table can be rendered again without re-running; each is
 reused only when it was scored with this aux, backbone, n, seed and settings, and a fine-tuned copy in --runs only
-when its finetune.json matches the asked steps.
+when its finetune.json matches the asked steps and the training data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from softthought.aux_model import SoftThoughtAux
@@ -22,7 +21,7 @@ from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
 from .eval import general, paired_backbones, personalization
-from .finetune import DEFAULT_LR, FinetuneConfig, finetune
+from .finetune import DEFAULT_LR, DEFAULT_STEPS, FinetuneConfig, finetune, recipe
 
 HERE = Path(__file__).parent
 TASKS = ["hellaswag", "arc_easy", "piqa"]
@@ -68,19 +67,25 @@ def collect(args) -> dict:
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
         backbone_fingerprint=backbone.fingerprint, **pers_settings)
-    conditions = ["soft", "text"] if args.general_text else ["soft"]
-    # read only when scoring, before general.json is rewritten: the plain scores depend on neither aux nor conditions
+    general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
+                        "users_per_item": args.users_per_item}
+
+    def plain_loglik():  # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
+        return None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed)
+
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, with_text=args.general_text,
-        plain_loglik=None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed),
-        users_per_item=args.users_per_item), aux.version, backbone_fingerprint=backbone.fingerprint,
-        n=args.n, seed=args.seed, users_per_item=args.users_per_item, conditions=conditions)
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, plain_loglik=plain_loglik(),
+        users_per_item=args.users_per_item), aux.version, conditions=["soft"], **general_settings)
+    if args.general_text:  # its own file: the summary as text does not depend on the aux, so a new aux keeps it
+        res["gen_text"] = _run(out / "general_text.json", args.rerun, lambda: general(
+            backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True, plain_loglik=plain_loglik(),
+            users_per_item=args.users_per_item), conditions=["text"], **general_settings)
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
-        res[f"ft_{mode}"] = asdict(cfg)
-        if _recorded(ft_dir / "finetune.json") != res[f"ft_{mode}"]:  # missing, or trained with other settings
+        res[f"ft_{mode}"] = recipe(cfg, data)
+        if _recorded(ft_dir / "finetune.json") != res[f"ft_{mode}"]:  # missing, or trained otherwise or on other data
             finetune(cfg, ft_dir, data)
         ft = load_backbone(str(ft_dir), dtype="bfloat16")
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
@@ -95,10 +100,14 @@ def collect(args) -> dict:
 
 def _paired_systems(res: dict) -> list[tuple[str, dict]]:
     """(system, {task: {"minus_plain", "gold_margin"}}) for every system scored against the plain backbone on its items."""
-    g = res["gen"]
     out = [(c, {t: {"minus_plain": g[t][f"{c}_minus_plain"], "gold_margin": g[t][f"{c}_gold_margin"]} for t in TASKS})
-           for c in ("soft", "text") if f"{c}_minus_plain" in g[TASKS[0]]]
+           for c, g in _conditions(res).items()]
     return out + [(mode, res[f"gen_{mode}_paired"]) for mode in ("lora", "full")]
+
+
+def _conditions(res: dict) -> dict:
+    """The general-ability results of the conditions that were scored: soft, and text unless --no-general-text."""
+    return {"soft": res["gen"], **({"text": res["gen_text"]} if "gen_text" in res else {})}
 
 
 def _pm(value: float, se: float, digits: int = 1) -> str:
@@ -112,13 +121,13 @@ def rows(res: dict) -> list[dict]:
                 100 * block["all_pass_rate_se"], block["n_checks"], block["n_responses"])
 
     def gen(block, key):
-        missing = (float("nan"), float("nan"), 0)  # a condition that was not run (e.g. --no-general-text)
-        return {t: (block[t][key]["acc_norm"], block[t][key]["acc_norm_se"], block[t]["n"]) if key in block[t] else missing
-                for t in TASKS}
+        if block is None:  # a condition that was not run (--no-general-text)
+            return {t: (float("nan"), float("nan"), 0) for t in TASKS}
+        return {t: (block[t][key]["acc_norm"], block[t][key]["acc_norm_se"], block[t]["n"]) for t in TASKS}
 
     return [
         {"system": "frozen backbone, no summary", "pers": pers(res["pers"]["none"]), "gen": gen(res["gen"], "plain")},
-        {"system": "frozen backbone, summary as text", "pers": pers(res["pers"]["text"]), "gen": gen(res["gen"], "text")},
+        {"system": "frozen backbone, summary as text", "pers": pers(res["pers"]["text"]), "gen": gen(res.get("gen_text"), "text")},
         {"system": "frozen backbone + soft thoughts (softthought)", "pers": pers(res["pers"]["soft"]), "gen": gen(res["gen"], "soft")},
         {"system": "LoRA fine-tuned backbone, summary as text", "pers": pers(res["pers_lora"]["text"]),
          "gen": gen(res["gen_lora"], "plain")},
@@ -163,8 +172,9 @@ def render(res: dict) -> str:
         f"Personalization: {p['n_users']} evaluation users never seen in training, phrased with held-out phrasings, "
         f"{p['n_pairs']} (user, prompt) pairs, greedy decoding, up to {p['max_new_tokens']} new tokens, IFEval's "
         "strict checkers. General ability: acc_norm (log-likelihood scored as lm-evaluation-harness does) on the first n "
-        f"items of one seeded shuffle per task (a smaller n is a subset of a larger one), each item scored with "
-        f"{g.get('users_per_item', 1)} of {g['n_users']} users' thoughts (round-robin) and averaged over them. "
+        f"items of one seeded shuffle per task (a smaller n is a subset of a larger one), each item scored with the "
+        f"thoughts (or, in the text row, the summary) of {g.get('users_per_item', 1)} of {g['n_users']} users (round-robin) "
+        "and averaged over them. "
         "± is one standard error.", "",
         "| system | checks passed (%) | responses passing all checks (%) | "
         + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
@@ -255,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-users", type=int, default=8)
     ap.add_argument("--users-per-item", type=int, default=4,
                     help="general ability: users whose thoughts score each item, averaged (--max-users for all)")
-    ap.add_argument("--lora-steps", type=int, default=100)
-    ap.add_argument("--full-steps", type=int, default=80)
+    ap.add_argument("--lora-steps", type=int, default=DEFAULT_STEPS["lora"])
+    ap.add_argument("--full-steps", type=int, default=DEFAULT_STEPS["full"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rerun", action="store_true")
     args = ap.parse_args(argv)

@@ -82,10 +82,11 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
-def data_hash(*paths: Path) -> str:
+def data_hash(data: Path) -> str:
+    """The training data's identity: its users and the backbone's answers."""
     h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
+    for name in ("train_users.jsonl", "answers.jsonl"):
+        h.update((data / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -262,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     phases = list(aux.config.metadata.get("phases", [])) if state else []
     if not phases or phases[-1]["train_config"] != settings:
         phases.append({"from_step": start, "train_config": settings})
-    meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data / "train_users.jsonl", data / "answers.jsonl"),
+    meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data),
             "train_config": settings, "phases": phases}
     t0, tokens, recent = time.perf_counter(), 0, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")

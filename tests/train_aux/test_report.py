@@ -12,16 +12,15 @@ def _pers(rate):
     return block
 
 
-def _gen(base, with_conditions, n=1000):
+def _gen(base, conditions=(), n=1000):
     out = {"n_users": 8, "seed": 0}
     for t in TASKS:
         entry = {"n": n, "plain": {"acc": base, "acc_se": 1.5, "acc_norm": base, "acc_norm_se": 1.5}}
-        if with_conditions:
-            for c in ("soft", "text"):
-                entry[c] = {"acc": base - 0.5, "acc_se": 1.5, "acc_norm": base - 0.5, "acc_norm_se": 1.5}
-                entry[f"{c}_minus_plain"] = {"acc": {"diff": -0.5, "diff_se": 0.4}, "acc_norm": {"diff": -0.5, "diff_se": 0.4}}
-                entry[f"{c}_gold_margin"] = {"plain_margin": 0.16, "slope": 0.94 if c == "soft" else 0.9, "shift": -0.0004,
-                                             "shift_se": 0.0027, "shift_pct": -0.25, "shift_pct_se": 1.69}
+        for c in conditions:
+            entry[c] = {"acc": base - 0.5, "acc_se": 1.5, "acc_norm": base - 0.5, "acc_norm_se": 1.5}
+            entry[f"{c}_minus_plain"] = {"acc": {"diff": -0.5, "diff_se": 0.4}, "acc_norm": {"diff": -0.5, "diff_se": 0.4}}
+            entry[f"{c}_gold_margin"] = {"plain_margin": 0.16, "slope": 0.94 if c == "soft" else 0.9, "shift": -0.0004,
+                                         "shift_se": 0.0027, "shift_pct": -0.25, "shift_pct_se": 1.69}
         out[t] = entry
     return out
 
@@ -41,9 +40,9 @@ def test_render_and_plot(tmp_path):
                                 {"from_step": 550, "train_config": {"edit_weight": 5.0, "probe_weight": 0.5,
                                                                     "preserve_weight": 2.0, "preserve_texts": "qa"}}]},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
-        "gen": _gen(45.0, True),
-        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, False, n=300), "gen_lora_paired": _paired(-2.5),
-        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, False, n=300), "gen_full_paired": _paired(-4.0),
+        "gen": _gen(45.0, ["soft"]), "gen_text": _gen(45.0, ["text"]),
+        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, n=300), "gen_lora_paired": _paired(-2.5),
+        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, n=300), "gen_full_paired": _paired(-4.0),
         "ft_lora": asdict(FinetuneConfig("lora", 100, 2e-4)), "ft_full": asdict(FinetuneConfig("full", 80, 2e-5)),
     }
     md = render(res)
@@ -61,9 +60,7 @@ def test_render_and_plot(tmp_path):
     assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| summary as text (paired) | -0.5 ± 0.4" in md
     assert "| LoRA fine-tuned (paired, n=300) | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.50 |" in md
     assert "| fully fine-tuned | shift -6.2 ± 1.2 %, slope 0.80 |" in md
-    for t in TASKS:  # --no-general-text: the text condition was not scored and has no rows
-        for key in ("text", "text_minus_plain", "text_gold_margin"):
-            del res["gen"][t][key]
+    del res["gen_text"]  # --no-general-text: the text condition was not scored and has no rows
     md = render(res)
     assert "summary as text (paired)" not in md and "| summary as text | shift" not in md and "| not run |" in md
     plot(res, tmp_path / "r.png")
@@ -86,7 +83,7 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
 
 
 def test_plain_scores_are_reused_only_for_the_same_backbone_items_and_seed(tmp_path):
-    gen = _gen(45.0, True)
+    gen = _gen(45.0, ["soft"])
     gen["backbone_fingerprint"] = "fp"
     for t in TASKS:
         gen[t]["plain_loglik"] = [[-1.0, -2.0]] * 1000

@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -8,7 +9,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from train_aux.data import write_jsonl
 from train_aux.eval import general, load_task, personalization
-from train_aux.train import edited_chars, load_config, preservation_loss, target_loss, train
+from train_aux.train import data_hash, edited_chars, load_config, preservation_loss, target_loss, train
 from train_aux.users import make_users
 
 
@@ -158,11 +159,15 @@ def test_benchmark_tasks_load_with_gold_labels():
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_finetune_baselines_train_a_copy_and_save_a_loadable_model(tmp_path, data_dir, tiny_dir, tiny, mode):
-    from train_aux.finetune import FinetuneConfig, finetune
+    from train_aux.finetune import FinetuneConfig, finetune, recipe
 
     cfg = FinetuneConfig(mode, steps=2, lr=1e-3, batch_size=2, max_target_tokens=16)
     out = finetune(cfg, tmp_path / mode, data_dir, backbone_name=tiny_dir)
-    assert json.loads((out / "finetune.json").read_text()) == asdict(cfg)  # what a report compares before reusing it
+    recorded = json.loads((out / "finetune.json").read_text())  # what a report compares before reusing the copy
+    assert recorded == {**asdict(cfg), "data_hash": data_hash(data_dir)} == recipe(cfg, data_dir)
+    regenerated = shutil.copytree(data_dir, tmp_path / "regenerated")
+    (regenerated / "answers.jsonl").write_text((data_dir / "answers.jsonl").read_text()[::-1])
+    assert recipe(cfg, regenerated) != recorded  # new data: the copy would be trained again
     tuned = load_backbone(str(out), dtype="float32")
     assert tuned.fingerprint != tiny.fingerprint  # the copy was trained
     assert load_backbone(tiny_dir, dtype="float32").fingerprint == tiny.fingerprint  # the original was not
