@@ -44,3 +44,11 @@ def test_unknown_check_is_refused():
 
 def test_empty_response_never_passes():
     assert check("   ", "punctuation:no_comma") is False
+
+
+def test_a_borderline_text_gets_the_same_decision_every_time():
+    # all-caps English that langdetect, unseeded, called English on about 88% and 12% of calls: the checks decide
+    # training data and scores, so they must not flip from one call to the next
+    for text in ("THE ANSWER TO THAT QUESTION IS NO, THERE IS NO SUCH PLACE AS GARRISON COLORADO.",
+                 "THE JEB'SONS, A CLASSIC AMERICAN FAMILY DRAMA, HAS INDEED BEEN REIMAGINED IN VARIOUS WAYS."):
+        assert len({check(text, "change_case:english_capital") for _ in range(40)}) == 1
