@@ -69,17 +69,16 @@ def collect(args) -> dict:
         backbone_fingerprint=backbone.fingerprint, **pers_settings)
     general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
                         "users_per_item": args.users_per_item}
-
-    def plain_loglik():  # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
-        return None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed)
-
+    # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed, plain_loglik=plain_loglik(),
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed,
+        plain_loglik=None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed),
         users_per_item=args.users_per_item), aux.version, conditions=["soft"], **general_settings)
     if args.general_text:  # its own file: the summary as text does not depend on the aux, so a new aux keeps it
         res["gen_text"] = _run(out / "general_text.json", args.rerun, lambda: general(
-            backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True, plain_loglik=plain_loglik(),
-            users_per_item=args.users_per_item), conditions=["text"], **general_settings)
+            backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True,
+            plain_loglik={t: res["gen"][t]["plain_loglik"] for t in TASKS}, users_per_item=args.users_per_item),
+            conditions=["text"], **general_settings)
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         ft_dir = Path(args.runs) / f"ft-{mode}"
