@@ -31,6 +31,8 @@ from .data import read_jsonl
 from .paths import shared_data
 
 CONDITIONS = ("none", "text", "soft")
+#: Bumped when a personalization result gains fields the report needs (2: per-pair outcomes, paired margins).
+PERSONALIZATION_FORMAT = 2
 
 
 def _se(p: float, n: int) -> float:
@@ -50,8 +52,9 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
     tok = backbone.tokenizer
     engine = Engine(backbone, max_batch_size=batch)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    report: dict = {"n_pairs": len(pairs), "n_users": len(users), "pairs_per_user": pairs_per_user,
-                    "max_new_tokens": max_new_tokens, "seed": seed, "backbone_fingerprint": backbone.fingerprint}
+    report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
+                    "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed,
+                    "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs]}
     samples = []
     for cond in conditions:
         built = []
@@ -66,27 +69,57 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
         # all at once: the engine keeps `batch` sequences running and refills slots as replies finish
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = engine.generate(built, params)
-        passed, per_id, all_pass = 0, defaultdict(list), 0
-        n_checks = 0
+        outcomes, per_id = [], defaultdict(list)
         for (u, p), r in zip(pairs, results):
             outcome = check_all(r.text, u["checks"])
+            outcomes.append(outcome)
             for c, ok in zip(u["checks"], outcome):
                 per_id[c["instruction_id"]].append(ok)
-            passed += sum(outcome)
-            n_checks += len(outcome)
-            all_pass += all(outcome)
             if len(samples) < 60 and cond != "none":
                 samples.append({"condition": cond, "user": u["user"], "summary": u["summary"], "prompt": p,
                                 "response": r.text, "passed": outcome})
-        rate, all_rate = passed / n_checks, all_pass / len(pairs)
+        n_checks = sum(len(o) for o in outcomes)
+        rate, all_rate = sum(map(sum, outcomes)) / n_checks, sum(map(all, outcomes)) / len(pairs)
         report[cond] = {
             "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
             "all_pass_rate": all_rate, "all_pass_rate_se": _se(all_rate, len(pairs)), "n_responses": len(pairs),
             "mean_prompt_tokens": sum(r.prompt_tokens for r in results) / len(results),
             "per_instruction": {k: {"pass_rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_id.items())},
+            "passed": outcomes,
         }
+    report["paired"] = {f"{b}_minus_{a}": paired_checks(report[a]["passed"], report[b]["passed"], report["pairs"])
+                        for a, b in (("none", "text"), ("none", "soft"), ("text", "soft")) if a in report and b in report}
     report["samples"] = samples
     return report
+
+
+def paired_checks(a: list[list[bool]], b: list[list[bool]], pairs: list[list[str]]) -> dict:
+    """b minus a, judged on the same (user, prompt) pairs and the same checks: the change in the fraction of checks
+    passed and of responses passing all of theirs, each with its standard error clustered by user (a user's checks
+    recur in each of their responses, so they are not independent draws)."""
+    if len(a) != len(b) or len(a) != len(pairs) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("paired_checks: the two results were not judged on the same pairs and checks")
+    clusters: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0])  # user -> [check diff, checks, all diff, responses]
+    for (user, _), x, y in zip(pairs, a, b):
+        c = clusters[user]
+        c[0] += sum(y) - sum(x)
+        c[1] += len(x)
+        c[2] += all(y) - all(x)
+        c[3] += 1
+
+    def ratio(num: int, den: int) -> tuple[float, float]:
+        # a ratio of cluster sums: the usual cluster-robust (sandwich) standard error
+        rows = list(clusters.values())
+        total = sum(r[den] for r in rows)
+        mean = sum(r[num] for r in rows) / total
+        g = len(rows)
+        spread = sum((r[num] - mean * r[den]) ** 2 for r in rows) * g / max(1, g - 1)
+        return mean, math.sqrt(spread) / total
+
+    check, check_se = ratio(0, 1)
+    every, every_se = ratio(2, 3)
+    return {"check_pass_rate": check, "check_pass_rate_se": check_se, "all_pass_rate": every, "all_pass_rate_se": every_se,
+            "n_checks": sum(r[1] for r in clusters.values()), "n_users": len(clusters)}
 
 
 # ------------------------------------------------------------------------------------------ general ability

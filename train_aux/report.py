@@ -20,7 +20,7 @@ from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
-from .eval import general, paired_backbones, personalization
+from .eval import PERSONALIZATION_FORMAT, general, paired_backbones, paired_checks, personalization
 from .finetune import DEFAULT_LR, DEFAULT_STEPS, FinetuneConfig, finetune, recipe
 
 HERE = Path(__file__).parent
@@ -63,7 +63,8 @@ def collect(args) -> dict:
     backbone = load_backbone(None, dtype="bfloat16")
     aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=backbone).eval()
     res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
-    pers_settings = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "pairs_per_user": args.pairs_per_user}
+    pers_settings = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "pairs_per_user": args.pairs_per_user,
+                     "format_version": PERSONALIZATION_FORMAT}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
         backbone_fingerprint=backbone.fingerprint, **pers_settings)
@@ -104,13 +105,25 @@ def _paired_systems(res: dict) -> list[tuple[str, dict]]:
     return out + [(mode, res[f"gen_{mode}_paired"]) for mode in ("lora", "full")]
 
 
+def _personalization_margins(res: dict) -> list[tuple[str, dict]]:
+    """(what soft thoughts are compared with, soft minus it), paired on the same (user, prompt) pairs and checks."""
+    p = res["pers"]
+    out = [("no summary", p["paired"]["soft_minus_none"]), ("summary as text", p["paired"]["soft_minus_text"])]
+    for mode in ("lora", "full"):
+        ft = res[f"pers_{mode}"]
+        if ft["pairs"] != p["pairs"]:
+            raise ValueError(f"personalization_{mode}.json was judged on other (user, prompt) pairs than personalization.json")
+        out.append((f"{SYSTEM_LABELS[mode]} backbone + text", paired_checks(ft["text"]["passed"], p["soft"]["passed"], p["pairs"])))
+    return out
+
+
 def _conditions(res: dict) -> dict:
     """The general-ability results of the conditions that were scored: soft, and text unless --no-general-text."""
     return {"soft": res["gen"], **({"text": res["gen_text"]} if "gen_text" in res else {})}
 
 
-def _pm(value: float, se: float, digits: int = 1) -> str:
-    return f"{value:.{digits}f} ± {se:.{digits}f}"
+def _pm(value: float, se: float, digits: int = 1, sign: str = "") -> str:
+    return f"{value:{sign}.{digits}f} ± {se:.{digits}f}"
 
 
 def rows(res: dict) -> list[dict]:
@@ -184,13 +197,21 @@ def render(res: dict) -> str:
         general = [f"{_pm(r['gen'][t][0], r['gen'][t][1])} (n={r['gen'][t][2]})" if r["gen"][t][2] else "not run"
                    for t in TASKS]
         lines.append(f"| {r['system']} | {_pm(cp, cse)} (n={nc}) | {_pm(ap, ase)} (n={nr}) | " + " | ".join(general) + " |")
+    lines += ["", "## Personalization: soft thoughts against each other system (points, paired)", "",
+              "The same (user, prompt) pairs and checks for every system, so each difference is paired; its standard "
+              "error is clustered by user, since a user's checks recur in each of their responses.", "",
+              "| soft thoughts minus | checks passed | responses passing all checks |", "|---|---|---|"]
+    for other, m in _personalization_margins(res):
+        lines.append(f"| {other} | {100 * m['check_pass_rate']:+.1f} ± {100 * m['check_pass_rate_se']:.1f} | "
+                     f"{100 * m['all_pass_rate']:+.1f} ± {100 * m['all_pass_rate_se']:.1f} |")
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
     for key, block in _paired_systems(res):
         diffs = [block[t]["minus_plain"]["acc_norm"] for t in TASKS]
         n = "" if key in ("soft", "text") else f", n={res[f'gen_{key}'][TASKS[0]]['n']}"
         mean = sum(d["diff"] for d in diffs) / len(diffs)
-        lines.append(f"| {SYSTEM_LABELS[key]} (paired{n}) | " + " | ".join(_pm(d["diff"], d["diff_se"]) for d in diffs)
+        # two decimals: the bar (within 1.0 point) must not be decided by rounding
+        lines.append(f"| {SYSTEM_LABELS[key]} (paired{n}) | " + " | ".join(_pm(d["diff"], d["diff_se"], 2, "+") for d in diffs)
                      + f" | {mean:+.2f} |")
     lines += ["", "## Systematic or reshuffling? The right answer's margin (paired)", "",
               "Per item, the gold margin is the right choice's per-byte log-likelihood minus the mean of the other choices'. "

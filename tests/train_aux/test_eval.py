@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from train_aux.eval import against_plain, correctness, gold_margin_shift
+from train_aux.eval import against_plain, correctness, gold_margin_shift, paired_checks
 
 
 def _items(n=300, seed=0):
@@ -69,3 +69,27 @@ def test_against_plain_pairs_each_item_with_itself():
     # itself: no change, no standard error; two rounds are averaged per item (one right, one as plain: half the gain)
     assert against_plain(items, plain, [plain])[1]["acc_norm"] == {"diff": 0.0, "diff_se": 0.0}
     assert against_plain(items, plain, [boosted + plain[50:], plain])[1]["acc_norm"]["diff"] == pytest.approx(50 * wrong / 200)
+
+
+def _judged(n_users=20, checks=3, rate=0.3, seed=0):
+    rng = random.Random(seed)
+    pairs = [[f"u{u}", f"p{k}"] for u in range(n_users) for k in range(2)]
+    return pairs, [[rng.random() < rate for _ in range(checks)] for _ in pairs]
+
+
+def test_paired_checks_differences_and_clustered_errors():
+    pairs, a = _judged()
+    same = paired_checks(a, a, pairs)
+    assert same["check_pass_rate"] == 0 and same["check_pass_rate_se"] == 0 and same["all_pass_rate_se"] == 0
+    assert same["n_checks"] == 120 and same["n_users"] == 20
+    # b passes everything for the first 5 users' responses: exactly the checks a failed there are gained
+    b = [[True] * len(x) if user in {f"u{i}" for i in range(5)} else x for (user, _), x in zip(pairs, a)]
+    gained = sum(not ok for (user, _), x in zip(pairs, a) if user in {f"u{i}" for i in range(5)} for ok in x)
+    m = paired_checks(a, b, pairs)
+    assert m["check_pass_rate"] == pytest.approx(gained / 120) and m["check_pass_rate_se"] > 0
+    assert paired_checks(b, a, pairs)["check_pass_rate"] == pytest.approx(-gained / 120)
+    # the gain sits in a few users: clustering by user gives a larger error than treating the 40 responses as users
+    per_response = paired_checks(a, b, [[f"{u}/{q}", q] for u, q in pairs])
+    assert m["check_pass_rate_se"] > per_response["check_pass_rate_se"]
+    with pytest.raises(ValueError, match="same pairs"):
+        paired_checks(a, b[:-1], pairs)

@@ -1,15 +1,28 @@
 import json
 from dataclasses import asdict
 
+import pytest
+
+from train_aux.eval import paired_checks
 from train_aux.finetune import FinetuneConfig
 from train_aux.report import TASKS, _plain_loglik, _run, plot, render
 
+PAIRS = [[f"u{i // 2}", f"p{i}"] for i in range(160)]
+
 
 def _pers(rate):
+    passed = [[i < 160 * rate, True] if i % 2 else [i < 160 * rate] for i in range(160)]
     block = {"check_pass_rate": rate, "check_pass_rate_se": 0.02, "all_pass_rate": rate / 2, "all_pass_rate_se": 0.03,
-             "n_checks": 300, "n_responses": 160, "mean_prompt_tokens": 40.0,
+             "n_checks": 300, "n_responses": 160, "mean_prompt_tokens": 40.0, "passed": passed,
              "per_instruction": {"change_case:english_lowercase": {"pass_rate": rate, "n": 50}}}
     return block
+
+
+def _judged(**conditions):
+    out = {"pairs": PAIRS, **{c: _pers(r) for c, r in conditions.items()}}
+    if "soft" in conditions:
+        out["paired"] = {f"soft_minus_{c}": paired_checks(out[c]["passed"], out["soft"]["passed"], PAIRS) for c in ("none", "text")}
+    return out
 
 
 def _gen(base, conditions=(), n=1000):
@@ -39,10 +52,10 @@ def test_render_and_plot(tmp_path):
                                 {"from_step": 400, "train_config": {"preserve_weight": 2.0}},
                                 {"from_step": 550, "train_config": {"edit_weight": 5.0, "probe_weight": 0.5,
                                                                     "preserve_weight": 2.0, "preserve_texts": "qa"}}]},
-        "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, "none": _pers(0.05), "text": _pers(0.1), "soft": _pers(0.5)},
+        "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, **_judged(none=0.05, text=0.1, soft=0.5)},
         "gen": _gen(45.0, ["soft"]), "gen_text": _gen(45.0, ["text"]),
-        "pers_lora": {"text": _pers(0.4)}, "gen_lora": _gen(40.0, n=300), "gen_lora_paired": _paired(-2.5),
-        "pers_full": {"text": _pers(0.45)}, "gen_full": _gen(38.0, n=300), "gen_full_paired": _paired(-4.0),
+        "pers_lora": _judged(text=0.4), "gen_lora": _gen(40.0, n=300), "gen_lora_paired": _paired(-2.5),
+        "pers_full": _judged(text=0.45), "gen_full": _gen(38.0, n=300), "gen_full_paired": _paired(-4.0),
         "ft_lora": asdict(FinetuneConfig("lora", 100, 2e-4)), "ft_full": asdict(FinetuneConfig("full", 80, 2e-5)),
     }
     md = render(res)
@@ -53,13 +66,19 @@ def test_render_and_plot(tmp_path):
             "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610.") in md
     assert ("LoRA (r=16 on every projection) 100 steps at lr 0.0002, full fine-tuning 80 steps at lr 2e-05, batch 8, "
             "float32.") in md
+    # soft passes the first check of responses 0-79, text of 0-15, LoRA of 0-63: 64 and 16 more of the 240 checks
+    assert "| summary as text | +26.7 ± " in md and "| LoRA fine-tuned backbone + text | +6.7 ± " in md
     # a checkpoint without the phases metadata is described by its one recorded config
     del res["aux_meta"]["phases"]
     assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610." in render(res)
     assert "| soft thoughts | shift -0.2 ± 1.7 %, slope 0.94 |" in md and "| summary as text | shift -0.2 ± 1.7 %, slope 0.90 |" in md
-    assert "| soft thoughts (paired) | -0.5 ± 0.4" in md and "| summary as text (paired) | -0.5 ± 0.4" in md
-    assert "| LoRA fine-tuned (paired, n=300) | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.5 ± 1.1 | -2.50 |" in md
+    assert "| soft thoughts (paired) | -0.50 ± 0.40" in md and "| summary as text (paired) | -0.50 ± 0.40" in md
+    assert "| LoRA fine-tuned (paired, n=300) | -2.50 ± 1.10 | -2.50 ± 1.10 | -2.50 ± 1.10 | -2.50 |" in md
     assert "| fully fine-tuned | shift -6.2 ± 1.2 %, slope 0.80 |" in md
+    res["pers_full"]["pairs"] = PAIRS[::-1]
+    with pytest.raises(ValueError, match="other \\(user, prompt\\) pairs"):
+        render(res)
+    res["pers_full"]["pairs"] = PAIRS
     del res["gen_text"]  # --no-general-text: the text condition was not scored and has no rows
     md = render(res)
     assert "summary as text (paired)" not in md and "| summary as text | shift" not in md and "| not run |" in md

@@ -102,6 +102,11 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     for cond in ("none", "text", "soft"):
         assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
+    # paired on the same checks, the mean difference is exactly the difference of the rates
+    for a, b in (("none", "soft"), ("text", "soft"), ("none", "text")):
+        paired = report["paired"][f"{b}_minus_{a}"]
+        assert paired["check_pass_rate"] == pytest.approx(report[b]["check_pass_rate"] - report[a]["check_pass_rate"])
+        assert paired["all_pass_rate"] == pytest.approx(report[b]["all_pass_rate"] - report[a]["all_pass_rate"])
     result = general(tiny, aux, users, ["piqa"], 6, 0)
     assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
     assert set(result["piqa"]["soft_gold_margin"]) >= {"slope", "shift", "shift_se", "shift_pct"}
