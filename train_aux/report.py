@@ -202,8 +202,8 @@ def render(res: dict) -> str:
               "error is clustered by user, since a user's checks recur in each of their responses.", "",
               "| soft thoughts minus | checks passed | responses passing all checks |", "|---|---|---|"]
     for other, m in _personalization_margins(res):
-        lines.append(f"| {other} | {100 * m['check_pass_rate']:+.1f} ± {100 * m['check_pass_rate_se']:.1f} | "
-                     f"{100 * m['all_pass_rate']:+.1f} ± {100 * m['all_pass_rate_se']:.1f} |")
+        lines.append(f"| {other} | {_pm(100 * m['check_pass_rate'], 100 * m['check_pass_rate_se'], sign='+')} | "
+                     f"{_pm(100 * m['all_pass_rate'], 100 * m['all_pass_rate_se'], sign='+')} |")
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
     for key, block in _paired_systems(res):
