@@ -99,27 +99,20 @@ def paired_checks(a: list[list[bool]], b: list[list[bool]], pairs: list[list[str
     recur in each of their responses, so they are not independent draws)."""
     if len(a) != len(b) or len(a) != len(pairs) or any(len(x) != len(y) for x, y in zip(a, b)):
         raise ValueError("paired_checks: the two results were not judged on the same pairs and checks")
-    clusters: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0])  # user -> [check diff, checks, all diff, responses]
+    users = {user: i for i, user in enumerate(dict.fromkeys(user for user, _ in pairs))}
+    sums = np.zeros((len(users), 4))  # per user: checks gained, checks, responses gained (all passing), responses
     for (user, _), x, y in zip(pairs, a, b):
-        c = clusters[user]
-        c[0] += sum(y) - sum(x)
-        c[1] += len(x)
-        c[2] += all(y) - all(x)
-        c[3] += 1
+        sums[users[user]] += (sum(y) - sum(x), len(x), all(y) - all(x), 1)
 
-    def ratio(num: int, den: int) -> tuple[float, float]:
+    def ratio(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
         # a ratio of cluster sums: the usual cluster-robust (sandwich) standard error
-        rows = list(clusters.values())
-        total = sum(r[den] for r in rows)
-        mean = sum(r[num] for r in rows) / total
-        g = len(rows)
-        spread = sum((r[num] - mean * r[den]) ** 2 for r in rows) * g / max(1, g - 1)
-        return mean, math.sqrt(spread) / total
+        mean, g = num.sum() / den.sum(), len(num)
+        return float(mean), math.sqrt(((num - mean * den) ** 2).sum() * g / max(1, g - 1)) / den.sum()
 
-    check, check_se = ratio(0, 1)
-    every, every_se = ratio(2, 3)
+    check, check_se = ratio(sums[:, 0], sums[:, 1])
+    every, every_se = ratio(sums[:, 2], sums[:, 3])
     return {"check_pass_rate": check, "check_pass_rate_se": check_se, "all_pass_rate": every, "all_pass_rate_se": every_se,
-            "n_checks": sum(r[1] for r in clusters.values()), "n_users": len(clusters)}
+            "n_checks": int(sums[:, 1].sum()), "n_users": len(users)}
 
 
 # ------------------------------------------------------------------------------------------ general ability

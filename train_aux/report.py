@@ -108,12 +108,13 @@ def _paired_systems(res: dict) -> list[tuple[str, dict]]:
 def _personalization_margins(res: dict) -> list[tuple[str, dict]]:
     """(what soft thoughts are compared with, soft minus it), paired on the same (user, prompt) pairs and checks."""
     p = res["pers"]
-    out = [("no summary", p["paired"]["soft_minus_none"]), ("summary as text", p["paired"]["soft_minus_text"])]
-    for mode in ("lora", "full"):
-        ft = res[f"pers_{mode}"]
-        if ft["pairs"] != p["pairs"]:
-            raise ValueError(f"personalization_{mode}.json was judged on other (user, prompt) pairs than personalization.json")
-        out.append((f"{SYSTEM_LABELS[mode]} backbone + text", paired_checks(ft["text"]["passed"], p["soft"]["passed"], p["pairs"])))
+    others = [("no summary", p, "none"), ("summary as text", p, "text")] + [
+        (f"{SYSTEM_LABELS[mode]} backbone + text", res[f"pers_{mode}"], "text") for mode in ("lora", "full")]
+    out = []
+    for label, judged, cond in others:
+        if judged["pairs"] != p["pairs"]:
+            raise ValueError(f"{label}: judged on other (user, prompt) pairs than the soft thoughts")
+        out.append((label, paired_checks(judged[cond]["passed"], p["soft"]["passed"], p["pairs"])))
     return out
 
 
