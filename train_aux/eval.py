@@ -271,8 +271,9 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             conditions["soft"] = [aux.encode([u["summary"]])[0] for u in users]
     if with_text:
         conditions["text"] = [u["summary"] for u in users]
-    report = {"n": n, "n_users": len(users), "users_per_item": users_per_item, "seed": seed, "skip": skip,
-              "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint}
+    report = {"n": n, "seed": seed, "skip": skip, "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint}
+    if conditions:  # only a condition reads the users: the plain backbone alone (a fine-tuned copy) records none
+        report.update(n_users=len(users), users_per_item=users_per_item)
     for task in tasks:
         items = load_task(task, n, seed, skip)
         cached = (plain_loglik or {}).get(task)

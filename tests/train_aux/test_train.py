@@ -123,6 +123,8 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     assert every["users_per_item"] == 3 and every["piqa"]["soft"] == rotated["piqa"]["soft"]
     with pytest.raises(ValueError, match="users_per_item"):
         general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=4)
+    alone = general(tiny, None, users, ["piqa"], 6, 0)  # no condition reads the users: none are recorded
+    assert alone["conditions"] == [] and "n_users" not in alone and alone["piqa"]["plain"] == result["piqa"]["plain"]
 
 
 def test_general_cli_pairs_another_backbone_with_an_earlier_result(tiny_dir, tmp_path, capsys):
