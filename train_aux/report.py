@@ -156,9 +156,15 @@ def _objective(meta: dict) -> str:
     phases = meta.get("phases") or [{"from_step": 0, "train_config": meta.get("train_config", {})}]
     cfg = phases[-1]["train_config"]
     ends = [p["from_step"] for p in phases[1:]] + [meta.get("steps", cfg.get("steps", "?"))]
-    kl = [f"on {texts[c.get('preserve_texts', 'boolq')]} (weight {c['preserve_weight']:g}) in steps {p['from_step']}-{end}"
-          for p, end in zip(phases, ends) if (c := p["train_config"]).get("preserve_weight")]
-    preserve = f", plus KL(plain backbone || backbone after the thoughts) {' and '.join(kl)}" if kl else ""
+    teachers = {"plain": "plain backbone", "text": "backbone reading the summary as text"}
+    kl, last = [], None
+    for p, end in zip(phases, ends):
+        if (c := p["train_config"]).get("preserve_weight"):
+            teacher = teachers[c.get("preserve_teacher", "plain")]
+            kl.append(("" if teacher == last else f"KL({teacher} || backbone after the thoughts) ")
+                      + f"on {texts[c.get('preserve_texts', 'boolq')]} (weight {c['preserve_weight']:g}) in steps {p['from_step']}-{end}")
+            last = teacher
+    preserve = f", plus {' and '.join(kl)}" if kl else ""
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
             f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}.")

@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
     # ..." built from the training prompts and the backbone's own answers (the KL then also covers the tokens after
     # "Answer:", where multiple-choice benchmarks score their continuations), or both.
     preserve_texts: Literal["boolq", "qa", "boolq+qa"] = "boolq"
+    # Whose next-token distributions the thoughts are held to on that text: the plain backbone's, or those of the
+    # backbone reading the same user's summary written before the text (the condition the thoughts stand in for).
+    preserve_teacher: Literal["plain", "text"] = "plain"
     preserve_batch: int = 4
     preserve_tokens: int = 96
     grad_clip: float = 1.0
@@ -74,6 +77,9 @@ class TrainConfig(BaseModel):
     save_every: int = 100
     seed: int = 0
     threads: int | None = None
+    # Start from this auxiliary checkpoint's weights (a fresh optimizer and probe): a further phase on a trained
+    # checkpoint. Its phases stay in the metadata and its steps are counted before this run's.
+    init: str | None = None
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:
@@ -160,12 +166,15 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
     return (per_token * w).sum() / w.sum(), sum(len(t) for t in target_ids)
 
 
-def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[list[int]]) -> torch.Tensor:
-    """Mean per-token KL(plain || with thoughts) over token sequences of plain text, thoughts[i] before texts[i]."""
+def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[list[int]],
+                      teacher_prefixes: list[list[int]] | None = None) -> torch.Tensor:
+    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] before texts[i].
+    The teacher is the plain backbone reading texts[i] alone, or with `teacher_prefixes[i]` (token ids) before it."""
     table = backbone.model.get_input_embeddings()
     plain = [table(torch.tensor(ids)) for ids in texts]
     with torch.no_grad():
-        embeds, mask, positions = left_pad(plain)
+        prefixes = teacher_prefixes or [[] for _ in texts]
+        embeds, mask, positions = left_pad([table(torch.tensor(pre + ids)) for pre, ids in zip(prefixes, texts)])
         reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     embeds, mask, positions = left_pad([torch.cat([th.to(e.dtype), e]) for th, e in zip(thoughts, plain)])
     student = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
@@ -192,7 +201,10 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         labels = torch.tensor([[float(c in ex.check_ids) for c in check_ids] for ex in batch])
         loss = loss + cfg.probe_weight * F.binary_cross_entropy_with_logits(probe(thoughts.mean(1)), labels)
     if texts:
-        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts)
+        # the summary before the text as the text condition of `eval general` writes it
+        prefixes = (tok([ex.summary + "\n\n" for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
+                    if cfg.preserve_teacher == "text" else None)
+        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes)
     return loss, n_tokens
 
 
@@ -232,6 +244,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and (last / "config.json").exists():
         aux = SoftThoughtAux.from_pretrained(last, backbone=backbone)
         state = torch.load(last / "training_state.pt", weights_only=False)
+    elif cfg.init:
+        aux = SoftThoughtAux.from_pretrained(cfg.init, backbone=backbone)
+        state = None
     else:
         aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts,
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
@@ -260,11 +275,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                           "trainable_params": sum(p.numel() for p in aux.trainable_parameters())}) + "\n")
     # every phase's config, so that a checkpoint resumed with new settings still says how all of it was trained
     settings = cfg.model_dump()
-    phases = list(aux.config.metadata.get("phases", [])) if state else []
+    phases = list(aux.config.metadata.get("phases", [])) if state or cfg.init else []
+    # steps of the checkpoint this run started from (--init): this run's step s is step offset + s of the whole
+    offset = aux.config.metadata.get("init_steps", 0) if state else aux.config.metadata.get("steps", 0) if cfg.init else 0
     if not phases or phases[-1]["train_config"] != settings:
-        phases.append({"from_step": start, "train_config": settings})
+        phases.append({"from_step": offset + start, "train_config": settings})
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data),
-            "train_config": settings, "phases": phases}
+            "train_config": settings, "phases": phases, **({"init_steps": offset} if offset else {})}
     t0, tokens, recent = time.perf_counter(), 0, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")
     for step in bar:
@@ -287,7 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             log.flush()
             recent = []
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(aux, optimizer, probe, examples, step + 1, last, {**meta, "step": step + 1})
+            _checkpoint(aux, optimizer, probe, examples, step + 1, last, {**meta, "step": offset + step + 1})
     assert all(p.grad is None for p in backbone.model.parameters()), "the backbone received gradients"
     after = weights_fingerprint(backbone.model)
     log.write(json.dumps({"event": "end", "backbone_fingerprint_before": fingerprint,
@@ -296,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if after != fingerprint:
         raise RuntimeError(f"backbone fingerprint changed during training: {fingerprint} -> {after}")
     final = out / "final"
-    aux.config.metadata = {**meta, "steps": cfg.steps}
+    aux.config.metadata = {**meta, "steps": offset + cfg.steps}
     aux.save_pretrained(final)
     return final
 

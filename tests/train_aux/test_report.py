@@ -64,6 +64,15 @@ def test_render_and_plot(tmp_path):
             "float32.") in md
     # soft passes the first check of responses 0-79, text of 0-15, LoRA of 0-63: 64 and 16 more of the 240 checks
     assert "| summary as text | +26.7 ± " in md and "| LoRA fine-tuned backbone + text | +6.7 ± " in md
+    # a further phase whose KL teacher reads the summary names that teacher
+    meta = res["aux_meta"]
+    phases = meta["phases"]
+    res["aux_meta"] = {**meta, "steps": 710, "phases": phases + [
+        {"from_step": 610, "train_config": {**phases[-1]["train_config"], "preserve_teacher": "text"}}]}
+    assert ("(weight 2) in steps 550-610 and KL(backbone reading the summary as text || backbone after the thoughts) on "
+            "question-answer text built from the training prompts and the backbone's own answers (weight 2) in steps "
+            "610-710.") in render(res)
+    res["aux_meta"] = meta
     # a checkpoint without the phases metadata is described by its one recorded config
     del res["aux_meta"]["phases"]
     assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610." in render(res)

@@ -52,6 +52,18 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     train(cfg5.model_copy(update={"steps": 6}), resume=True)
     phases = recorded_phases()
     assert [p["from_step"] for p in phases] == [0, 3, 5]
+    # a further phase from the trained checkpoint's weights (fresh optimizer), the summary as the KL's teacher;
+    # its steps count after the checkpoint's and resuming it keeps the count
+    init = cfg5.model_copy(update={"steps": 2, "init": str(final), "out": str(tmp_path / "more"),
+                                   "preserve_teacher": "text"})
+    more = train(init)
+    meta = SoftThoughtAux.from_pretrained(more, backbone=tiny).config.metadata
+    assert meta["steps"] == 8 and meta["init_steps"] == 6
+    assert [p["from_step"] for p in meta["phases"]] == [0, 3, 5, 6]
+    assert meta["phases"][-1]["train_config"]["init"] == str(final)
+    train(init.model_copy(update={"steps": 3}), resume=True)
+    meta = SoftThoughtAux.from_pretrained(more, backbone=tiny).config.metadata
+    assert meta["steps"] == 9 and [p["from_step"] for p in meta["phases"]] == [0, 3, 5, 6, 8]
 
 
 def test_config_refuses_an_unknown_preservation_text():
@@ -93,6 +105,17 @@ def test_preservation_loss_is_a_kl_that_only_the_thoughts_can_lower(tiny):
     assert loss.item() > 0 and thoughts.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny.model.parameters())
 
+
+def test_preservation_loss_with_a_text_teacher_is_zero_when_the_thoughts_are_that_text(tiny):
+    table, tok = tiny.model.get_input_embeddings(), tiny.tokenizer
+    texts = [tok("Question: why is the sea big?\nAnswer: water.")["input_ids"], tok("A cat sat.")["input_ids"]]
+    prefixes = [tok("I like cats.\n\n")["input_ids"], tok("Be brief!\n\n")["input_ids"]]
+    k = min(len(p) for p in prefixes)
+    prefixes = [p[:k] for p in prefixes]
+    with torch.no_grad():
+        as_text = torch.stack([table(torch.tensor(p)) for p in prefixes])  # thoughts that are the prefix's embeddings
+        assert preservation_loss(tiny, as_text, texts, prefixes).item() < 1e-5
+        assert preservation_loss(tiny, as_text, texts).item() > 1e-3  # the plain backbone is another teacher
 
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     torch.manual_seed(0)
