@@ -241,16 +241,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     backbone = load_backbone(cfg.backbone, dtype=cfg.dtype)
     fingerprint = backbone.fingerprint
     last = out / "last"
+    # offset: the steps of the checkpoint this run started from (--init); this run's step s is step offset + s
     if resume and (last / "config.json").exists():
         aux = SoftThoughtAux.from_pretrained(last, backbone=backbone)
         state = torch.load(last / "training_state.pt", weights_only=False)
+        offset = aux.config.metadata.get("init_steps", 0)
     elif cfg.init:
         aux = SoftThoughtAux.from_pretrained(cfg.init, backbone=backbone)
-        state = None
+        state, offset = None, aux.config.metadata.get("steps", 0)
     else:
         aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts,
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
-        state = None
+        state, offset = None, 0
     aux.train()
     # the probe reads the mean thought; it is part of training only and never saved with the checkpoint
     check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})
@@ -276,8 +278,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # every phase's config, so that a checkpoint resumed with new settings still says how all of it was trained
     settings = cfg.model_dump()
     phases = list(aux.config.metadata.get("phases", [])) if state or cfg.init else []
-    # steps of the checkpoint this run started from (--init): this run's step s is step offset + s of the whole
-    offset = aux.config.metadata.get("init_steps", 0) if state else aux.config.metadata.get("steps", 0) if cfg.init else 0
     if not phases or phases[-1]["train_config"] != settings:
         phases.append({"from_step": offset + start, "train_config": settings})
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data),
