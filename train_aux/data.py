@@ -41,6 +41,12 @@ def boolq_texts() -> list[str]:
     return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
 
 
+def summary_before(summary: str, text: str) -> str:
+    """Plain text with the user's summary written before it: the text condition of `eval general` and the teacher
+    of `--preserve-teacher text` read the same string."""
+    return f"{summary}\n\n{text}"
+
+
 def qa_texts(answers: list[dict]) -> list[str]:
     """Plain "Question: ...\nAnswer: ..." text from the training prompts and the backbone's own first sentence of
     answer: the shape multiple-choice benchmarks are scored in (a short question, then a short continuation after

@@ -27,7 +27,7 @@ from softthought.generation import Engine, SamplingParams
 from softthought.splice import build_chat_prompt, left_pad, with_system_text
 
 from .checks import check_all
-from .data import read_jsonl
+from .data import read_jsonl, summary_before
 from .paths import shared_data
 
 CONDITIONS = ("none", "text", "soft")
@@ -180,7 +180,7 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str)
     tok = backbone.tokenizer
     requests, spans = [], []
     for item, prefix in zip(items, prefixes):
-        context = f"{prefix}\n\n{item['context']}" if isinstance(prefix, str) else item["context"]
+        context = summary_before(prefix, item["context"]) if isinstance(prefix, str) else item["context"]
         thoughts = prefix if isinstance(prefix, torch.Tensor) else None
         first = len(requests)
         for choice in item["choices"]:

@@ -34,7 +34,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
 
-from .data import boolq_texts, edit_answer, qa_texts, read_jsonl
+from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, summary_before
 
 
 class TrainConfig(BaseModel):
@@ -201,8 +201,7 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         labels = torch.tensor([[float(c in ex.check_ids) for c in check_ids] for ex in batch])
         loss = loss + cfg.probe_weight * F.binary_cross_entropy_with_logits(probe(thoughts.mean(1)), labels)
     if texts:
-        # the summary before the text as the text condition of `eval general` writes it
-        prefixes = (tok([ex.summary + "\n\n" for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
+        prefixes = (tok([summary_before(ex.summary, "") for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
         loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes)
     return loss, n_tokens

@@ -117,6 +117,7 @@ def test_preservation_loss_with_a_text_teacher_is_zero_when_the_thoughts_are_tha
         assert preservation_loss(tiny, as_text, texts, prefixes).item() < 1e-5
         assert preservation_loss(tiny, as_text, texts).item() > 1e-3  # the plain backbone is another teacher
 
+
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
