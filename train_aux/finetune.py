@@ -4,6 +4,7 @@ never trains its backbone.
 
     python -m train_aux.finetune --mode lora --out runs/ft-lora      # 100 steps, as RESULTS.md's baseline
     python -m train_aux.finetune --mode full --out runs/ft-full      # 80 steps
+    python -m train_aux.finetune --mode lora --user eval-0000 --out runs/ft-lora-eval-0000   # one user's copy
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def recipe(cfg: FinetuneConfig, data_dir: Path) -> dict:
     return {**asdict(cfg), "data_hash": data_hash(data_dir)}
 
 
-def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str | None = None) -> Path:
+def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str | None = None,
+             user: dict | None = None) -> Path:
+    """Train and save a fine-tuned copy. With `user`, the copy learns that one user's examples alone, with no summary
+    in the prompt: the per-user fine-tune that soft thoughts replace (its finetune.json names the user)."""
     torch.manual_seed(cfg.seed)
     base = load_backbone(backbone_name, dtype=cfg.dtype)
     model, tok = base.model, base.tokenizer
@@ -61,7 +65,8 @@ def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = TrainConfig(steps=cfg.steps, warmup_steps=min(20, cfg.steps // 5 + 1))
-    examples = Examples(read_jsonl(data_dir / "train_users.jsonl"), read_jsonl(data_dir / "answers.jsonl"), cfg.seed)
+    users = [user] if user else read_jsonl(data_dir / "train_users.jsonl")
+    examples = Examples(users, read_jsonl(data_dir / "answers.jsonl"), cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.jsonl").write_text("")  # no resume: a new copy, a new log
     t0 = time.perf_counter()
@@ -69,8 +74,9 @@ def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str 
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, schedule)
         batch = [examples.sample() for _ in range(cfg.batch_size)]
-        prompts = [build_chat_prompt(tok, with_system_text(tok, [{"role": "user", "content": ex.prompt}], ex.summary))
-                   for ex in batch]
+        chats = [[{"role": "user", "content": ex.prompt}] for ex in batch]
+        prompts = [build_chat_prompt(tok, chat if user else with_system_text(tok, chat, ex.summary))
+                   for chat, ex in zip(chats, batch)]
         loss, _ = target_loss(model, model.get_input_embeddings(), tok, prompts, [ex.target for ex in batch],
                               cfg.max_target_tokens)
         optimizer.zero_grad(set_to_none=True)
@@ -85,7 +91,8 @@ def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str 
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "finetune.json").write_text(json.dumps(recipe(cfg, data_dir), indent=2))
+    (out / "finetune.json").write_text(json.dumps({**recipe(cfg, data_dir), **({"user": user["user"]} if user else {})},
+                                                  indent=2))
     return out
 
 
@@ -101,10 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-target-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--user", help="fine-tune on this one user's examples only, with no summary in the prompt")
+    ap.add_argument("--users", help="where --user is found (default: DATA_DIR/eval_users.jsonl)")
     a = ap.parse_args(argv)
+    user = None
+    if a.user:
+        users_file = Path(a.users or Path(a.data_dir) / "eval_users.jsonl")
+        user = next((u for u in read_jsonl(users_file) if u["user"] == a.user), None)
+        if user is None:
+            ap.error(f"--user {a.user}: no such user in {users_file}")
     cfg = FinetuneConfig(a.mode, a.steps or DEFAULT_STEPS[a.mode], a.lr or DEFAULT_LR[a.mode], a.batch_size, a.seed, a.dtype,
                          a.max_target_tokens)
-    print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone))
+    print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone, user))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import torch
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
-from train_aux.data import write_jsonl
+from train_aux.checks import check_all
+from train_aux.data import read_jsonl, write_jsonl
 from train_aux.eval import general, load_task, personalization
 from train_aux.train import data_hash, edited_chars, load_config, preservation_loss, target_loss, train
 from train_aux.users import make_users
@@ -186,6 +187,26 @@ def test_benchmark_tasks_load_with_gold_labels():
             assert k is None or len(item["choices"]) == k
         dev = load_task(task, 20, 0, skip=20)  # the dev split continues the same shuffle, disjoint from the first n
         assert load_task(task, 40, 0) == items + dev
+
+
+def test_a_per_user_copy_learns_that_users_examples_with_no_summary_in_the_prompt(tmp_path, data_dir, tiny_dir, monkeypatch):
+    import train_aux.finetune as ft
+
+    user = read_jsonl(data_dir / "train_users.jsonl")[3]
+    seen, real = [], ft.target_loss
+
+    def spy(model, table, tok, prompts, targets, *args):
+        seen.extend((tok.decode(p.token_ids), t) for p, t in zip(prompts, targets))
+        return real(model, table, tok, prompts, targets, *args)
+
+    monkeypatch.setattr(ft, "target_loss", spy)
+    cfg = ft.FinetuneConfig("lora", steps=2, lr=1e-3, batch_size=3, max_target_tokens=16)
+    out = ft.finetune(cfg, tmp_path / "one", data_dir, backbone_name=tiny_dir, user=user)
+    assert json.loads((out / "finetune.json").read_text()) == {**ft.recipe(cfg, data_dir), "user": user["user"]}
+    assert len(seen) == 6
+    for prompt, target in seen:
+        assert user["summary"] not in prompt  # the preference is to live in the weights, not in the prompt
+        assert all(check_all(target, user["checks"]))  # every target was edited for this one user
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
