@@ -1,6 +1,6 @@
 """Baselines: fine-tune the backbone itself (LoRA or full) on the same personalization data, with the summary
-written as text in the system turn. This trains a *copy* saved elsewhere, only to compare against; softthought
-never trains its backbone.
+written as text in the system turn, or on one user's examples alone with no summary (`--user`). This trains a *copy*
+saved elsewhere, only to compare against; softthought never trains its backbone.
 
     python -m train_aux.finetune --mode lora --out runs/ft-lora      # 100 steps, as RESULTS.md's baseline
     python -m train_aux.finetune --mode full --out runs/ft-full      # 80 steps
