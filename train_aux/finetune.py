@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     user = None
     if a.user:
         users_file = Path(a.users or Path(a.data_dir) / "eval_users.jsonl")
+        if not users_file.is_file():
+            ap.error(f"--user {a.user}: no users file at {users_file}")
         user = next((u for u in read_jsonl(users_file) if u["user"] == a.user), None)
         if user is None:
             ap.error(f"--user {a.user}: no such user in {users_file}")
