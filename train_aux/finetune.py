@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--user", help="fine-tune on this one user's examples only, with no summary in the prompt")
     ap.add_argument("--users", help="where --user is found (default: DATA_DIR/eval_users.jsonl)")
     a = ap.parse_args(argv)
+    if a.users and not a.user:
+        ap.error("--users names where --user is looked up: pass --user ID with it")
     user = None
     if a.user:
         users_file = Path(a.users or Path(a.data_dir) / "eval_users.jsonl")

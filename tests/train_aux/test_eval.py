@@ -1,8 +1,13 @@
+import json
 import random
 
 import pytest
+import torch
 
-from train_aux.eval import against_plain, correctness, gold_margin_shift, paired_checks
+from softthought.aux_model import SoftThoughtAux
+from train_aux.data import write_jsonl
+from train_aux.eval import against_plain, correctness, general, gold_margin_shift, load_task, paired_checks, personalization
+from train_aux.users import make_users
 
 
 def _items(n=300, seed=0):
@@ -93,3 +98,73 @@ def test_paired_checks_differences_and_clustered_errors():
     assert m["check_pass_rate_se"] > per_response["check_pass_rate_se"]
     with pytest.raises(ValueError, match="same pairs"):
         paired_checks(a, b[:-1], pairs)
+
+
+def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    users = make_users(3, 5, "e", held_out_phrasing=True)
+    report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0)
+    for cond in ("none", "text", "soft"):
+        assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
+    assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
+    # paired on the same checks, the mean difference is exactly the difference of the rates
+    for a, b in (("none", "soft"), ("text", "soft"), ("none", "text")):
+        paired = report["paired"][f"{b}_minus_{a}"]
+        assert paired["check_pass_rate"] == pytest.approx(report[b]["check_pass_rate"] - report[a]["check_pass_rate"])
+        assert paired["all_pass_rate"] == pytest.approx(report[b]["all_pass_rate"] - report[a]["all_pass_rate"])
+    result = general(tiny, aux, users, ["piqa"], 6, 0)
+    assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
+    assert set(result["piqa"]["soft_gold_margin"]) >= {"slope", "shift", "shift_se", "shift_pct"}
+    # the plain backbone's per-choice scores are reused when given for the same items, and recomputed otherwise
+    swapped = [s[::-1] for s in result["piqa"]["plain_loglik"]]  # the other choice wins every item
+    reused = general(tiny, aux, users, ["piqa"], 6, 0, plain_loglik={"piqa": swapped})
+    assert reused["piqa"]["plain_loglik"] == swapped and reused["piqa"]["soft"] == result["piqa"]["soft"]
+    assert reused["piqa"]["plain"]["acc"] == pytest.approx(100 - result["piqa"]["plain"]["acc"])
+    again = general(tiny, aux, users, ["piqa"], 6, 0, plain_loglik={"piqa": swapped[:5]})
+    assert again["piqa"]["plain_loglik"] == result["piqa"]["plain_loglik"]
+    # every item scored with all three users: the exact average over users, the same whatever the users' order
+    every = general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=3)
+    rotated = general(tiny, aux, users[1:] + users[:1], ["piqa"], 6, 0, users_per_item=3)
+    assert every["users_per_item"] == 3 and every["piqa"]["soft"] == rotated["piqa"]["soft"]
+    with pytest.raises(ValueError, match="users_per_item"):
+        general(tiny, aux, users, ["piqa"], 6, 0, users_per_item=4)
+    alone = general(tiny, None, users, ["piqa"], 6, 0)  # no condition reads the users: none are recorded
+    assert alone["conditions"] == [] and "n_users" not in alone and alone["piqa"]["plain"] == result["piqa"]["plain"]
+
+
+def test_general_cli_pairs_another_backbone_with_an_earlier_result(tiny_dir, tmp_path, capsys):
+    from train_aux.eval import main
+
+    write_jsonl(tmp_path / "users.jsonl", make_users(2, 5, "e", held_out_phrasing=True))
+    args = ["general", "--no-aux", "--backbone", tiny_dir, "--dtype", "float32", "--tasks", "piqa", "--n", "6",
+            "--users", str(tmp_path / "users.jsonl")]
+    main(args + ["--json", str(tmp_path / "base.json")])
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert "plain_vs_paired_with" not in base["piqa"]
+    # the reference's plain backbone prefers the other choice on every item (summed log-likelihood, acc): every item
+    # the tiny model gets right is one the reference got wrong, and the other way round
+    for s in base["piqa"]["plain_loglik"]:
+        s.reverse()
+    (tmp_path / "swapped.json").write_text(json.dumps(base))
+    main(args + ["--json", str(tmp_path / "paired.json"), "--paired-with", str(tmp_path / "swapped.json")])
+    paired = json.loads((tmp_path / "paired.json").read_text())["piqa"]
+    right = paired["plain"]["acc"] / 100
+    assert paired["plain_vs_paired_with"]["minus_plain"]["acc"]["diff"] == pytest.approx(100 * (2 * right - 1))
+    assert set(paired["plain_vs_paired_with"]["gold_margin"]) >= {"slope", "shift", "shift_pct"}
+    assert "plain_vs_paired_with" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the reference scored fewer items than asked for
+        main(["general", "--no-aux", "--backbone", tiny_dir, "--tasks", "piqa", "--n", "7", "--users",
+              str(tmp_path / "users.jsonl"), "--json", str(tmp_path / "x.json"), "--paired-with", str(tmp_path / "base.json")])
+    assert "not scored on these items" in capsys.readouterr().err
+
+
+def test_benchmark_tasks_load_with_gold_labels():
+    for task, k in (("hellaswag", 4), ("arc_easy", None), ("piqa", 2)):
+        items = load_task(task, 20, 0)
+        assert len(items) == 20
+        for item in items:
+            assert 0 <= item["gold"] < len(item["choices"]) and all(c.startswith(" ") for c in item["choices"])
+            assert k is None or len(item["choices"]) == k
+        dev = load_task(task, 20, 0, skip=20)  # the dev split continues the same shuffle, disjoint from the first n
+        assert load_task(task, 40, 0) == items + dev
