@@ -157,6 +157,25 @@ def test_general_cli_pairs_another_backbone_with_an_earlier_result(tiny_dir, tmp
         main(["general", "--no-aux", "--backbone", tiny_dir, "--tasks", "piqa", "--n", "7", "--users",
               str(tmp_path / "users.jsonl"), "--json", str(tmp_path / "x.json"), "--paired-with", str(tmp_path / "base.json")])
     assert "not scored on these items" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # scored the other way, whose bf16 scores differ: like is paired with like only
+        main(args + ["--shared-context", "--json", str(tmp_path / "y.json"), "--paired-with", str(tmp_path / "base.json")])
+    assert "scored per-choice" in capsys.readouterr().err
+    main(args + ["--shared-context", "--json", str(tmp_path / "shared.json")])
+    shared = json.loads((tmp_path / "shared.json").read_text())
+    assert (base["scoring"], shared["scoring"]) == ("per-choice", "shared-context")
+    main(args + ["--json", str(tmp_path / "again.json"), "--paired-with", str(tmp_path / "base.json")])  # like with like
+
+
+def test_scoring_bench_times_both_ways_on_the_same_items(tiny_dir, tmp_path):
+    from train_aux.eval import main
+
+    write_jsonl(tmp_path / "users.jsonl", make_users(2, 5, "e", held_out_phrasing=True))
+    main(["scoring-bench", "--no-aux", "--backbone", tiny_dir, "--dtype", "float32", "--tasks", "piqa,arc_easy", "--n", "5",
+          "--users", str(tmp_path / "users.jsonl"), "--json", str(tmp_path / "bench.json")])
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    for task in ("piqa", "arc_easy"):
+        assert set(bench[task]["seconds"]) == {"per-choice", "shared-context"} and bench[task]["speedup"] > 0
+        assert bench[task]["max_abs_diff"] <= 2e-4 and bench[task]["acc_norm_differs"] == 0  # fp32: the same scores
 
 
 def test_benchmark_tasks_load_with_gold_labels():
@@ -168,3 +187,28 @@ def test_benchmark_tasks_load_with_gold_labels():
             assert k is None or len(item["choices"]) == k
         dev = load_task(task, 20, 0, skip=20)  # the dev split continues the same shuffle, disjoint from the first n
         assert load_task(task, 40, 0) == items + dev
+
+
+def test_shared_context_scores_are_the_per_choice_scores(tiny):
+    from train_aux.eval import score_task
+
+    torch.manual_seed(0)
+    words = ["the", "sea", "is", "calm", "tonight", "and", "every", "boat", "is", "home", "before", "dark"]
+    items = [{"context": " ".join(words[: 3 + i]) + ":", "gold": 0,
+              "choices": [" " + " ".join(words[j : j + 1 + (i + j) % 5]) for j in range(2 + i % 3)]} for i in range(7)]
+    thoughts = torch.randn(3, tiny.model.config.hidden_size) * 0.5
+    for prefixes in ([None] * 7, [thoughts] * 7, ["I like short answers."] * 7, [None, thoughts] * 3 + ["terse"]):
+        alone = score_task(tiny, items, prefixes, "test")
+        shared = score_task(tiny, items, prefixes, "test", shared_context=True)
+        # a continuation that saw another, or was numbered after it, would score differently
+        assert [len(s) for s in shared] == [len(item["choices"]) for item in items]
+        assert all(a == pytest.approx(b, abs=2e-4) for a, b in zip(shared, alone))
+
+
+def test_shared_context_refuses_rows_past_a_sliding_window(sliding):
+    from train_aux.eval import score_task
+
+    windowed, _ = sliding
+    items = [{"context": "a long context that runs past eight positions for sure", "choices": [" yes", " no"], "gold": 0}]
+    with pytest.raises(ValueError, match="sliding window"):
+        score_task(windowed, items, [None], "test", shared_context=True)
