@@ -20,7 +20,7 @@ from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
 from .data import read_jsonl
-from .eval import PERSONALIZATION_FORMAT, general, paired_backbones, paired_checks, personalization
+from .eval import PER_CHOICE, PERSONALIZATION_FORMAT, general, paired_backbones, paired_checks, personalization
 from .finetune import DEFAULT_LR, DEFAULT_STEPS, FinetuneConfig, finetune, recipe
 
 HERE = Path(__file__).parent
@@ -45,9 +45,11 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings
 
 
 def _plain_loglik(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
-    """The plain backbone's per-choice scores from an earlier general.json on the same backbone, n, seed and items."""
+    """The plain backbone's per-choice scores from an earlier general.json on the same backbone, n, seed and items,
+    scored per choice as the report scores."""
     old = _recorded(path)
-    if not old or old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0:
+    if not old or old.get("backbone_fingerprint") != fingerprint or old.get("seed") != seed or old.get("skip", 0) != 0 \
+            or old.get("scoring", PER_CHOICE) != PER_CHOICE:
         return None
     return {t: old[t]["plain_loglik"] for t in TASKS if old.get(t, {}).get("n") == n and "plain_loglik" in old[t]}
 

@@ -106,7 +106,7 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
     assert _run(path, False, evaluate, "v2", users_per_item=4)["score"] == 4  # scored with other settings
 
 
-def test_plain_scores_are_reused_only_for_the_same_backbone_items_and_seed(tmp_path):
+def test_plain_scores_are_reused_only_for_the_same_backbone_items_seed_and_scoring(tmp_path):
     gen = _gen(45.0, ["soft"])
     gen["backbone_fingerprint"] = "fp"
     for t in TASKS:
@@ -119,3 +119,7 @@ def test_plain_scores_are_reused_only_for_the_same_backbone_items_and_seed(tmp_p
     assert _plain_loglik(path, "other", 1000, 0) is None and _plain_loglik(path, "fp", 1000, 1) is None
     path.write_text(json.dumps({**gen, "skip": 1000}))  # a dev split's items are not the report's
     assert _plain_loglik(path, "fp", 1000, 0) is None
+    path.write_text(json.dumps({**gen, "scoring": "shared-context"}))  # its bf16 scores are not the report's either
+    assert _plain_loglik(path, "fp", 1000, 0) is None
+    path.write_text(json.dumps({**gen, "scoring": "per-choice"}))
+    assert set(_plain_loglik(path, "fp", 1000, 0)) == set(TASKS) - {"piqa"}
