@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-KINDS = ("shipped", "candidate", "measurement")
+KINDS = ("shipped", "shipped earlier", "candidate", "measurement")
 #: The rule every candidate was judged by, written before each was trained (EXPERIMENTS.md, "Fewer thoughts").
 MIN_ARC_EASY_CHANGE, MIN_CHECKS_PASSED = -0.25, 25.0
 
@@ -55,7 +55,7 @@ def plot(candidates: list[Candidate], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"shipped": "*", "candidate": "s", "measurement": "D"}
+    markers = {"shipped": "*", "shipped earlier": "o", "candidate": "s", "measurement": "D"}
     fig, ax = plt.subplots(figsize=(10, 5.5))
     ax.fill_between([MIN_ARC_EASY_CHANGE, 1.0], MIN_CHECKS_PASSED, 40, color="#2ca02c", alpha=0.12,
                     label="the rule's corner: would have shipped")
