@@ -42,16 +42,18 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
+@torch.inference_mode()
+def users_thoughts(aux: SoftThoughtAux, users: list[dict]) -> list[torch.Tensor]:
+    """Each user's soft thoughts [K, hidden], encoded one summary at a time as the server encodes them."""
+    return [aux.encode([u["summary"]])[0] for u in users]
+
+
 # ------------------------------------------------------------------------------------------ personalization
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16) -> dict:
     rng = random.Random(seed)
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
-    thoughts = {}
-    if "soft" in conditions:
-        with torch.inference_mode():
-            for u in users:
-                thoughts[u["user"]] = aux.encode([u["summary"]])[0]
+    thoughts = dict(zip((u["user"] for u in users), users_thoughts(aux, users))) if "soft" in conditions else {}
     tok = backbone.tokenizer
     engine = Engine(backbone, max_batch_size=batch)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
@@ -333,8 +335,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     conditions = {}  # name -> each user's prefix
     if aux is not None:
-        with torch.inference_mode():
-            conditions["soft"] = [aux.encode([u["summary"]])[0] for u in users]
+        conditions["soft"] = users_thoughts(aux, users)
     if with_text:
         conditions["text"] = [u["summary"] for u in users]
     report = {"n": n, "seed": seed, "skip": skip, "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint,
@@ -369,8 +370,7 @@ def scoring_bench(backbone: Backbone, aux: SoftThoughtAux | None, users: list[di
                   seed: int) -> dict:
     """Seconds for each way of scoring the same items (with users' thoughts when an aux is given), their ratio, and
     how far the two sets of scores are apart: the largest difference in nats and the items whose acc_norm differs."""
-    with torch.inference_mode():
-        prefixes = [aux.encode([u["summary"]])[0] for u in users] if aux is not None else [None]
+    prefixes = users_thoughts(aux, users) if aux is not None else [None]
     out = {"dtype": str(backbone.dtype).removeprefix("torch."), "n": n}
     for task in tasks:
         items = load_task(task, n, seed)
