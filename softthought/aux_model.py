@@ -28,6 +28,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 ENCODER_TRAINING = ("frozen", "lora", "full")
+#: Which positions attend to the thoughts: every later one, or only the reply's (see `splice.Prompt.reply_only`).
+THOUGHTS_SEEN_BY = ("all", "reply")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +52,7 @@ class AuxConfig:
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     max_summary_tokens: int = 256
+    thoughts_seen_by: str = "all"  # all | reply
     metadata: dict = field(default_factory=dict)  # training data hash, metrics, ...
 
     def validate(self) -> None:
@@ -57,6 +60,8 @@ class AuxConfig:
             raise CheckpointError(f"num_thoughts must be in 1..64, got {self.num_thoughts}")
         if self.encoder_training not in ENCODER_TRAINING:
             raise CheckpointError(f"encoder_training must be one of {ENCODER_TRAINING}, got {self.encoder_training!r}")
+        if self.thoughts_seen_by not in THOUGHTS_SEEN_BY:
+            raise CheckpointError(f"thoughts_seen_by must be one of {THOUGHTS_SEEN_BY}, got {self.thoughts_seen_by!r}")
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
@@ -101,7 +106,7 @@ class SoftThoughtAux(nn.Module):
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        self.version = "unsaved"  # sha256 of the saved weights once saved or loaded
+        self.version = "unsaved"  # once saved or loaded: `_version` of its weights
         for p in encoder.parameters():
             p.requires_grad_(config.encoder_training == "full")
         if config.encoder_training == "lora":
@@ -173,6 +178,11 @@ class SoftThoughtAux(nn.Module):
             return_tensors="pt",
         )
 
+    @property
+    def reply_only(self) -> bool:
+        """Whether the thoughts are read by the reply only (`splice.Prompt.reply_only`)."""
+        return self.config.thoughts_seen_by == "reply"
+
     def encode(self, summaries: Sequence[str]) -> torch.Tensor:
         """Soft thoughts for each summary, [B, K, backbone_hidden] (float32)."""
         batch = self.tokenize(summaries)
@@ -185,7 +195,7 @@ class SoftThoughtAux(nn.Module):
         save_file(self.persistent_state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
         config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self.config)}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        self.version = _file_version(directory / WEIGHTS_NAME)
+        self.version = _version(directory / WEIGHTS_NAME, self.config)
         return directory
 
     @classmethod
@@ -230,7 +240,7 @@ class SoftThoughtAux(nn.Module):
         if bad:
             raise CheckpointError(f"{directory / WEIGHTS_NAME} has tensors of the wrong shape: {bad[:5]}")
         model.load_state_dict(state, strict=False)
-        model.version = _file_version(directory / WEIGHTS_NAME)
+        model.version = _version(directory / WEIGHTS_NAME, config)
         return model
 
 
@@ -258,5 +268,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def _file_version(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+def _version(weights: Path, config: AuxConfig) -> str:
+    """sha256 of the weights, and of how the thoughts are read when that is not the original way: the same
+    weights read by the reply only make other replies, so they are another version (every earlier one is kept)."""
+    h = hashlib.sha256(weights.read_bytes())
+    if config.thoughts_seen_by != "all":
+        h.update(f"thoughts_seen_by={config.thoughts_seen_by}".encode())
+    return h.hexdigest()[:12]

@@ -105,11 +105,12 @@ def prompt_cost(pipe: Pipeline, lengths=(60, 150, 300), repeats: int = 3, max_to
                 t0 = time.perf_counter()
                 thoughts = pipe.thoughts(summary + " " * r)  # distinct text defeats any cache
                 encode_s = time.perf_counter() - t0
-                cold = run_in_process(pipe, build_chat_prompt(tok, msgs, thoughts), max_tokens)
+                personal = build_chat_prompt(tok, msgs, thoughts, reply_only=pipe.aux.reply_only)
+                cold = run_in_process(pipe, personal, max_tokens)
                 rows["soft_cold"].append(Timed(cold.ttft_s + encode_s, cold.latency_s + encode_s, cold.prompt_tokens,
                                                cold.completion_tokens))
                 # cached: what the server does for a returning user (thoughts from the LRU)
-                rows["soft_cached"].append(run_in_process(pipe, build_chat_prompt(tok, msgs, thoughts), max_tokens))
+                rows["soft_cached"].append(run_in_process(pipe, personal, max_tokens))
         entry = {"summary_tokens": n}
         for k, v in rows.items():
             entry[k] = {"prompt_tokens": _median([t.prompt_tokens for t in v]), "ttft_s": _median([t.ttft_s for t in v]),

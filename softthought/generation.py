@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from .backbone import Backbone
 from .detokenizer import IncrementalDetokenizer
-from .splice import Prompt, embed_prompt, left_pad
+from .splice import Prompt, embed_prompt, hiding_mask, left_pad
 
 
 @dataclass
@@ -127,6 +127,10 @@ class Engine:
                 f"prompt ({prompt.num_tokens} positions) + max_tokens ({params.max_tokens}) exceeds the "
                 f"backbone's context of {self.backbone.max_context}"
             )
+        window = getattr(self.backbone.model.config, "sliding_window", None)
+        if window and prompt.hidden_thoughts() and prompt.num_tokens > window:  # the prefill's own mask replaces the window
+            raise ValueError(f"a prompt whose thoughts are read by the reply only cannot be longer than this backbone's "
+                             f"sliding window of {window} positions (it has {prompt.num_tokens})")
         request_id = request_id or f"req-{next(self._ids)}"
         generator = None
         if params.temperature > 0:
@@ -194,7 +198,10 @@ class Engine:
         # full-length layers even for sliding-window attention (the mask applies the window): a sliding layer keeps
         # only the last window of keys, which cannot be padded and merged with the running batch's
         self._cache = DynamicCache()
-        logits = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        # a reply-only prompt's text does not see its thoughts; decoding (2-D mask) lets every reply token see them
+        hidden = [s.prompt.hidden_thoughts(mask.shape[1] - s.prompt.num_tokens) for s in seqs]
+        logits = self._forward(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
+                               position_ids=positions)
         new_cache = self._cache
         if running_cache is not None and self.running:
             self._cache, self._mask = _merge(running_cache, running_mask, new_cache, mask)

@@ -47,8 +47,9 @@ class Pipeline:
 
     def prompt(self, messages: Sequence[dict], summary: str | None = None) -> Prompt:
         """No summary: the plain chat prompt, exactly what the backbone alone would see."""
-        thoughts = self.thoughts(summary) if summary else None
-        return build_chat_prompt(self.backbone.tokenizer, messages, thoughts)
+        if not summary:
+            return build_chat_prompt(self.backbone.tokenizer, messages)
+        return build_chat_prompt(self.backbone.tokenizer, messages, self.thoughts(summary), reply_only=self.aux.reply_only)
 
     def chat(self, messages: Sequence[dict], summary: str | None = None, params: SamplingParams | None = None) -> GenerationResult:
         return self.engine.generate([self.prompt(messages, summary)], params or SamplingParams())[0]

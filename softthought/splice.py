@@ -24,9 +24,15 @@ class PromptError(ValueError):
 
 @dataclass
 class Prompt:
-    """A prompt as an ordered list of token-id pieces and soft-thought blocks."""
+    """A prompt as an ordered list of token-id pieces and soft-thought blocks.
+
+    `reply_only`: the prompt's text after the thoughts does not attend to them, except its last position, which
+    predicts the reply's first token; every reply position does. The prompt is then read exactly as without
+    thoughts, and the thoughts condition only what is predicted from it.
+    """
 
     segments: list[Segment]
+    reply_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -40,6 +46,17 @@ class Prompt:
     @property
     def token_ids(self) -> list[int]:
         return [t for s in self.segments if isinstance(s, list) for t in s]
+
+    def hidden_thoughts(self, offset: int = 0) -> tuple[int, int, int] | None:
+        """(a, b, c) when queries [b, c) must not see the thoughts at [a, b), positions counted from `offset`."""
+        if not self.reply_only or not self.num_thoughts:
+            return None
+        a = offset
+        for seg in self.segments:
+            if isinstance(seg, torch.Tensor):
+                return a, a + seg.shape[0], offset + self.num_tokens - 1
+            a += len(seg)
+        return None
 
 
 def _check_messages(messages: Sequence[dict]) -> None:
@@ -93,17 +110,18 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 
 def build_chat_prompt(
-    tokenizer, messages: Sequence[dict], thoughts: torch.Tensor | None = None, add_generation_prompt: bool = True
+    tokenizer, messages: Sequence[dict], thoughts: torch.Tensor | None = None, add_generation_prompt: bool = True,
+    reply_only: bool = False,
 ) -> Prompt:
     """Tokenized chat prompt; with `thoughts` [K, hidden] they sit where the marker was rendered."""
     _check_messages(messages)
     if thoughts is None:
         return Prompt([_tokenize(tokenizer, _render(tokenizer, list(messages), add_generation_prompt))])
     before, after = render_chat_with_marker(tokenizer, messages, add_generation_prompt).split(THOUGHT_MARKER)
-    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)])
+    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)], reply_only)
 
 
-def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None) -> Prompt:
+def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None, reply_only: bool = False) -> Prompt:
     """Raw completion prompt (no chat template); thoughts, if any, come first, after a BOS if the model uses one."""
     if THOUGHT_MARKER in text:
         raise PromptError("prompt contains the reserved soft-thought marker")
@@ -112,8 +130,8 @@ def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None
         return Prompt([ids])
     bos = tokenizer.bos_token_id
     if ids and bos is not None and ids[0] == bos:
-        return Prompt([[bos], thoughts, ids[1:]])
-    return Prompt([thoughts, ids])
+        return Prompt([[bos], thoughts, ids[1:]], reply_only)
+    return Prompt([thoughts, ids], reply_only)
 
 
 def embed_prompt(embedding: torch.nn.Module, prompt: Prompt) -> torch.Tensor:
@@ -143,3 +161,19 @@ def left_pad(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
         mask[i, length - e.shape[0] :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return batch, mask, positions
+
+
+def hiding_mask(mask: torch.Tensor, hidden: Sequence[tuple[int, int, int] | None], dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask for rows padded as `mask` [B, L] in which row i hides positions [a, b) from the queries
+    [b, c), for hidden[i] = (a, b, c) (see `Prompt.hidden_thoughts`): a 4-D additive one [B, 1, L, L], causal, padding
+    hidden; `mask` itself when no row hides anything, so that the model builds its own."""
+    if all(span is None for span in hidden):
+        return mask
+    length = mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]
+    for i, span in enumerate(hidden):
+        if span is not None:
+            a, b, c = span
+            allowed[i, b:c, a:b] = False
+    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)  # a padding query sees itself: no NaN row
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

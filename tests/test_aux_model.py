@@ -56,6 +56,7 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, encoder_training="lora"), "does not match"),
         (lambda d: _edit_config(d, format_version=99), "format_version"),
         (lambda d: _edit_config(d, surprise=1), "unknown fields"),
+        (lambda d: _edit_config(d, thoughts_seen_by="prompt"), "thoughts_seen_by must be one of"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):

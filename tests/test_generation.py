@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from softthought.generation import Engine, SamplingParams
-from softthought.splice import build_chat_prompt
+from softthought.splice import build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 CONVERSATIONS = [
@@ -165,6 +165,38 @@ def test_batch_on_tiny_model_of_another_family_with_thoughts(tiny):
     engine = Engine(tiny)
     params = SamplingParams(max_tokens=10, temperature=0)
     assert [r.token_ids for r in engine.generate(prompts, params)] == [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
+def test_reply_only_thoughts_decode_as_a_full_forward_that_hides_them_from_the_prompt(tiny):
+    """Prefill hides the thoughts from the prompt's text; every generated token sees them; batching changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    th = torch.randn(4, tiny.hidden_size, generator=g) * tiny.embed_norm
+    table = tiny.model.get_input_embeddings()
+    chat = [{"role": "user", "content": "The quick brown fox jumps"}]
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th, reply_only=True)
+    expected = []  # greedy, one full forward per token, no cache
+    with torch.no_grad():
+        for _ in range(10):
+            embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, prompt), table(torch.tensor(expected, dtype=torch.long))])])
+            attention = hiding_mask(mask, [prompt.hidden_thoughts()], embeds.dtype)
+            expected.append(int(tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1].argmax()))
+    engine = Engine(tiny)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    others = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}], th),
+              build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Paris is the capital of France"}])]
+    assert engine.generate([prompt], params)[0].token_ids == expected
+    assert engine.generate([others[0], prompt, others[1]], params)[1].token_ids == expected
+    seen = build_chat_prompt(tiny.tokenizer, chat, th)
+    assert engine.generate([seen], params)[0].token_ids != expected  # the mask matters
+
+
+def test_reply_only_prompt_past_a_sliding_window_is_refused(sliding):
+    bb, _ = sliding
+    th = torch.zeros(2, bb.hidden_size)
+    long = build_chat_prompt(bb.tokenizer, [{"role": "user", "content": "The quick brown fox jumps over the lazy dog"}], th,
+                             reply_only=True)
+    with pytest.raises(ValueError, match="sliding window of 8"):
+        Engine(bb).add(long, GREEDY)
 
 
 def test_sliding_window_backbone_alone_batched_and_joining(sliding):

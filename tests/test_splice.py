@@ -7,6 +7,7 @@ from softthought.splice import (
     build_chat_prompt,
     build_text_prompt,
     embed_prompt,
+    hiding_mask,
     left_pad,
 )
 
@@ -110,6 +111,43 @@ def test_text_prompt_puts_thoughts_after_bos(tiny, smollm):
     assert isinstance(p.segments[0], torch.Tensor) or p.segments[0] == [tiny.tokenizer.bos_token_id]
     assert p.num_thoughts == 3
     assert build_text_prompt(smollm.tokenizer, "Hello").segments == [smollm.tokenizer("Hello")["input_ids"]]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_reply_only_thoughts_are_seen_by_the_prompts_last_position_alone(tiny, chat):
+    """The prompt's text reads as if there were no thoughts; its last position, which predicts the reply, reads them."""
+    tok, table = tiny.tokenizer, tiny.model.get_input_embeddings()
+    th = _thoughts(tiny, k=3)
+
+    def build(reply_only):
+        if chat:
+            return build_chat_prompt(tok, MESSAGES, th, reply_only=reply_only)
+        return build_text_prompt(tok, "The quick brown fox jumps over", th, reply_only=reply_only)
+
+    p = build(True)
+    a, b, c = p.hidden_thoughts()
+    assert b - a == 3 and c == p.num_tokens - 1
+    assert build(False).hidden_thoughts() is None
+    embeds, mask, positions = left_pad([embed_prompt(table, p)])
+    text_positions = [i for i in range(p.num_tokens) if not a <= i < b]  # the text alone, numbered as in the prompt
+    with torch.no_grad():
+        hidden = tiny.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, [(a, b, c)], embeds.dtype),
+                            position_ids=positions).logits[0]
+        seen = tiny.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[0]
+        plain = tiny.model(input_ids=torch.tensor([p.token_ids]), position_ids=torch.tensor([text_positions])).logits[0]
+    assert torch.allclose(hidden[b:c], plain[a:-1], atol=1e-5)
+    assert not torch.allclose(seen[b:c], plain[a:-1], atol=1e-3)  # without the mask the text reads the thoughts
+    assert not torch.allclose(hidden[c], plain[-1], atol=1e-3)  # the last position reads them
+
+
+def test_hiding_mask_is_the_padding_mask_when_nothing_is_hidden():
+    _, mask, _ = left_pad([torch.ones(3, 4), torch.ones(5, 4)])
+    assert hiding_mask(mask, [None, None], torch.float32) is mask
+    full = hiding_mask(mask, [None, (1, 3, 4)], torch.float32)[:, 0] == 0  # allowed
+    assert full.shape == (2, 5, 5)
+    assert full[0, 4, 2:].all() and not full[0, 4, :2].any()  # row 0: padding hidden, causal
+    assert not full[1, 3, 1:3].any() and full[1, 3, 0] and full[1, 3, 3]  # row 1: [1, 3) hidden from query 3
+    assert full[1, 4, :5].all()  # ... but not from query 4, the last
 
 
 def test_left_pad_masks_and_positions():

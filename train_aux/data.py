@@ -36,8 +36,8 @@ TEMPLATES = [
 
 
 def boolq_texts() -> list[str]:
-    """Plain text for the preservation term (passages with a question and "Answer:", as BoolQ's lm-eval prompt
-    has them): not the general-ability benchmarks, and never in a chat template."""
+    """Plain text for the preservation term (passages ending in their question, as BoolQ's lm-eval prompt has them
+    before "Answer:"): not the general-ability benchmarks, and never in a chat template."""
     return [json.loads(line)["query"] for line in (shared_data() / "boolq" / "boolq.jsonl").read_text().splitlines()]
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone
 from softthought.generation import Engine, SamplingParams
-from softthought.splice import build_chat_prompt, left_pad, with_system_text
+from softthought.splice import build_chat_prompt, hiding_mask, left_pad, with_system_text
 
 from .checks import check_all
 from .data import read_jsonl, summary_before
@@ -70,7 +70,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             elif cond == "text":
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
-                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]]))
+                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], reply_only=aux.reply_only))
         # all at once: the engine keeps `batch` sequences running and refills slots as replies finish
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = engine.generate(built, params)
@@ -154,14 +154,15 @@ def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[
 
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
-                   desc: str = "loglik") -> list[float]:
-    """Sum of log p(continuation | [thoughts] + context) for each (context ids, continuation ids, thoughts)."""
+                   desc: str = "loglik", reply_only: bool = False) -> list[float]:
+    """Sum of log p(continuation | [thoughts] + context) for each (context ids, continuation ids, thoughts).
+    `reply_only`: the context, but its last position, does not see the thoughts (`Prompt.reply_only`)."""
     table = backbone.model.get_input_embeddings()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     out = [0.0] * len(requests)
     for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch]
-        seqs, conts = [], []
+        seqs, conts, spans = [], [], []  # spans: (thoughts, context) lengths of the rows that hide their thoughts
         for i in idx:
             ctx, cont, thoughts = requests[i]
             emb = table(torch.tensor(ctx + cont))
@@ -169,9 +170,13 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
                 emb = torch.cat([thoughts.to(emb.dtype), emb])
             seqs.append(emb)
             conts.append(cont)
+            spans.append((len(thoughts), len(ctx)) if reply_only and thoughts is not None else None)
         embeds, mask, positions = left_pad(seqs)
-        logits = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         length = embeds.shape[1]
+        hidden = [None if s is None else (length - len(e), length - len(e) + s[0], length - len(e) + s[0] + s[1] - 1)
+                  for e, s in zip(seqs, spans)]
+        logits = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
+                                position_ids=positions).logits
         for row, (i, cont) in enumerate(zip(idx, conts)):
             pred = logits[row, length - len(cont) - 1 : length - 1].float().log_softmax(-1)
             out[i] = pred.gather(-1, torch.tensor(cont)[:, None]).sum().item()
@@ -180,11 +185,11 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
 
 @torch.inference_mode()
 def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[int], list[list[int]], torch.Tensor | None]],
-                                  batch: int = 16, desc: str = "loglik") -> list[list[float]]:
+                                  batch: int = 16, desc: str = "loglik", reply_only: bool = False) -> list[list[float]]:
     """The same sums as `loglikelihoods`, for each continuation of each (context ids, [continuation ids], thoughts),
     with the context read once: one row holds [thoughts] + context + every continuation, each continuation attending
     to the context and to itself only and numbered as if it alone followed the context. An item's choices share
-    their context, so this reads 2-3x fewer tokens."""
+    their context, so this reads 2-3x fewer tokens. `reply_only`: as in `loglikelihoods`."""
     table, dtype = backbone.model.get_input_embeddings(), backbone.dtype
     decoder, head = backbone.model.get_decoder(), backbone.model.get_output_embeddings()
     window = getattr(backbone.model.config, "sliding_window", None)
@@ -192,7 +197,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
     out: list[list[float]] = [[] for _ in groups]
     for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch]
-        rows, segments, positions = [], [], []
+        rows, segments, positions, hidden = [], [], [], []
         reads = []  # per continuation: its item, and the (row, position, token) of each of its tokens
         for r, i in enumerate(idx):
             ctx, conts, thoughts = groups[i]
@@ -200,6 +205,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
             if thoughts is not None:
                 emb = torch.cat([thoughts.to(emb.dtype), emb])
             prefix = emb.shape[0] - sum(map(len, conts))  # thoughts + context
+            hidden.append((len(thoughts), prefix - 1) if reply_only and thoughts is not None else None)
             seg, pos, at = [0] * prefix, list(range(prefix)), prefix
             for s, cont in enumerate(conts, 1):
                 seg += [s] * len(cont)
@@ -221,6 +227,9 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
             embeds[r, : e.shape[0]], seg[r, : e.shape[0]], pos[r, : e.shape[0]] = e, s, p
         q, k = seg[:, :, None], seg[:, None, :]
         allowed = torch.ones(length, length, dtype=torch.bool).tril() & ((k == q) | ((k == 0) & (q >= 0)))
+        for r, span in enumerate(hidden):
+            if span is not None:  # rows start at position 0: thoughts [0, K), context [K, prefix)
+                allowed[r, span[0] : span[1], : span[0]] = False
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         flat = [x for _, tokens in reads for x in tokens]
@@ -237,12 +246,13 @@ def scoring_name(shared_context: bool) -> str:
     return SHARED_CONTEXT if shared_context else PER_CHOICE
 
 
-def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False
-               ) -> list[list[float]]:
+def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False,
+               reply_only: bool = False) -> list[list[float]]:
     """log p(choice | [prefix] + context) of each choice of each item, rounded to 4 decimals (as cached in reports).
     prefixes[i] goes before item i's context: None, soft thoughts [K, hidden], or a text summary (written out
     before the context, as a plain prompt would carry it). `shared_context` reads each context once for all its
-    choices (`shared_context_loglikelihoods`); the default scores each choice on its own, as lm-eval does."""
+    choices (`shared_context_loglikelihoods`); the default scores each choice on its own, as lm-eval does.
+    `reply_only`: the thoughts are read by the continuation only (`Prompt.reply_only`)."""
     tok = backbone.tokenizer
     groups = []
     for item, prefix in zip(items, prefixes):
@@ -250,9 +260,10 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str,
         pairs = [_encode_pair(tok, context, choice) for choice in item["choices"]]
         groups.append((pairs[0][0], [cont for _, cont in pairs], prefix if isinstance(prefix, torch.Tensor) else None))
     if shared_context:
-        scores = shared_context_loglikelihoods(backbone, groups, desc=desc)
+        scores = shared_context_loglikelihoods(backbone, groups, desc=desc, reply_only=reply_only)
     else:
-        flat = loglikelihoods(backbone, [(ctx, cont, th) for ctx, conts, th in groups for cont in conts], desc=desc)
+        flat = loglikelihoods(backbone, [(ctx, cont, th) for ctx, conts, th in groups for cont in conts], desc=desc,
+                              reply_only=reply_only)
         bounds = np.cumsum([0] + [len(conts) for _, conts, _ in groups])
         scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [[round(x, 4) for x in s] for s in scores]
@@ -352,7 +363,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = score_task(backbone, [item for _ in rounds for item in items],
                               [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}",
-                              shared_context)
+                              shared_context, name == "soft" and aux.reply_only)
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
@@ -378,7 +389,8 @@ def scoring_bench(backbone: Backbone, aux: SoftThoughtAux | None, users: list[di
         seconds, scores = {}, {}
         for shared in (False, True):
             start = time.perf_counter()
-            scores[shared] = score_task(backbone, items, item_prefixes, f"{task}/{scoring_name(shared)}", shared)
+            scores[shared] = score_task(backbone, items, item_prefixes, f"{task}/{scoring_name(shared)}", shared,
+                                        aux is not None and aux.reply_only)
             seconds[scoring_name(shared)] = round(time.perf_counter() - start, 2)
         norm = [correctness(items, scores[shared]) for shared in (False, True)]
         out[task] = {"seconds": seconds, "speedup": round(seconds[PER_CHOICE] / seconds[SHARED_CONTEXT], 2),

@@ -5,13 +5,15 @@ personalization and general accuracy, with n and standard errors.
     python -m train_aux.report --rerun    # runs every evaluation again
 
 Evaluation JSONs are kept in train_aux/results/ so the table can be rendered again without re-running; each is
-reused only when it was scored with this aux, backbone, n, seed and settings, and a fine-tuned copy in --runs only
-when its finetune.json matches the asked steps and the training data.
+reused only when it was scored with this aux, backbone, n, seed and settings. A fine-tuned copy's evaluations are
+reused when they record the asked recipe (steps, learning rate, ..., the training data's hash); the copy in --runs is
+trained (unless its finetune.json holds that recipe) and loaded only when one of them must run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -40,8 +42,18 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings
     if not rerun and cached and cached.get("aux_version") == aux_version and all(cached.get(k) == v for k, v in settings.items()):
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**fn(), "aux_version": aux_version}, indent=2))
+    path.write_text(json.dumps({**fn(), **settings, "aux_version": aux_version}, indent=2))
     return json.loads(path.read_text())  # as the JSON holds it, so a fresh result reads like a cached one
+
+
+def _fine_tuned(ft_dir: Path, cfg: FinetuneConfig, data: Path, asked: dict):
+    """Loads the fine-tuned copy on first call, after training it if its finetune.json does not hold `asked`."""
+    @functools.cache
+    def load():
+        if _recorded(ft_dir / "finetune.json") != asked:  # missing, or trained otherwise or on other data
+            finetune(cfg, ft_dir, data)
+        return load_backbone(str(ft_dir), dtype="bfloat16")
+    return load
 
 
 def _plain_loglik(path: Path, fingerprint: str, n: int, seed: int) -> dict | None:
@@ -84,17 +96,14 @@ def collect(args) -> dict:
             conditions=["text"], **general_settings)
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
-        ft_dir = Path(args.runs) / f"ft-{mode}"
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
-        res[f"ft_{mode}"] = recipe(cfg, data)
-        if _recorded(ft_dir / "finetune.json") != res[f"ft_{mode}"]:  # missing, or trained otherwise or on other data
-            finetune(cfg, ft_dir, data)
-        ft = load_backbone(str(ft_dir), dtype="bfloat16")
+        res[f"ft_{mode}"] = asked = recipe(cfg, data)
+        ft = _fine_tuned(Path(args.runs) / f"ft-{mode}", cfg, data, asked)
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
-            ft, None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")),
-            backbone_fingerprint=ft.fingerprint, **pers_settings)
+            ft(), None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")),
+            recipe=asked, **pers_settings)
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
-            ft, None, users[: args.max_users], TASKS, ft_n, args.seed), backbone_fingerprint=ft.fingerprint, n=ft_n, seed=args.seed)
+            ft(), None, users[: args.max_users], TASKS, ft_n, args.seed), recipe=asked, n=ft_n, seed=args.seed)
         # paired with the plain backbone on the same items: the first ft_n of the general-ability items
         res[f"gen_{mode}_paired"] = paired_backbones(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
@@ -167,9 +176,13 @@ def _objective(meta: dict) -> str:
                       + f"on {texts[c.get('preserve_texts', 'boolq')]} (weight {c['preserve_weight']:g}) in steps {p['from_step']}-{end}")
             last = teacher
     preserve = f", plus {' and '.join(kl)}" if kl else ""
+    reply = next((p["from_step"] for p in phases if p["train_config"].get("thoughts_seen_by") == "reply"), None)
+    reading = ("" if reply is None else f" From step {reply} on, the thoughts are read by the reply only: the prompt's "
+               "text does not attend to them, its last position and the reply's do (the KL then runs over the positions "
+               "from the last token of \"Answer:\" on).")
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
-            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}.")
+            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}.{reading}")
 
 
 def _baselines(res: dict) -> str:

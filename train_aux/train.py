@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
-from softthought.splice import Prompt, build_chat_prompt, embed_prompt, left_pad
+from softthought.splice import Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
 from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, summary_before
 
@@ -63,13 +63,16 @@ class TrainConfig(BaseModel):
     # Weight of KL(plain backbone || backbone with the thoughts before the text) on plain text: that is how the
     # general-ability benchmarks are scored, and what strongly personalizing thoughts otherwise disturb.
     preserve_weight: float = 0.0
-    # Which plain text the KL runs on: BoolQ passages ending in a question and "Answer:", or "Question: ...\nAnswer:
+    # Which plain text the KL runs on: BoolQ passages ending in their question, or "Question: ...\nAnswer:
     # ..." built from the training prompts and the backbone's own answers (the KL then also covers the tokens after
     # "Answer:", where multiple-choice benchmarks score their continuations), or both.
     preserve_texts: Literal["boolq", "qa", "boolq+qa"] = "boolq"
     # Whose next-token distributions the thoughts are held to on that text: the plain backbone's, or those of the
     # backbone reading the same user's summary written before the text (the condition the thoughts stand in for).
     preserve_teacher: Literal["plain", "text"] = "plain"
+    # Which positions attend to the thoughts (the checkpoint's `thoughts_seen_by`): every later one, or only the
+    # reply's, so that the prompt is read as without them. None keeps the --init/--resume checkpoint's (new: all).
+    thoughts_seen_by: Literal["all", "reply"] | None = None
     preserve_batch: int = 4
     preserve_tokens: int = 96
     grad_clip: float = 1.0
@@ -153,12 +156,14 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
         target_ids.append(ids)
         target_weights.append(weights)
     embeds, mask, positions = left_pad(sequences)
+    attention = hiding_mask(mask, [p.hidden_thoughts(mask.shape[1] - len(s)) for p, s in zip(prompts, sequences)],
+                            embeds.dtype)
     labels = torch.full(mask.shape, -100, dtype=torch.long)
     weights = torch.zeros(mask.shape)
     for i, (ids, w) in enumerate(zip(target_ids, target_weights)):
         labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids)
         weights[i, mask.shape[1] - len(ids):] = torch.tensor(w)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    logits = model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
     # position t predicts token t+1
     per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                 ignore_index=-100, reduction="none")
@@ -166,22 +171,43 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
     return (per_token * w).sum() / w.sum(), sum(len(t) for t in target_ids)
 
 
-def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[list[int]],
-                      teacher_prefixes: list[list[int]] | None = None) -> torch.Tensor:
-    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] before texts[i].
-    The teacher is the plain backbone reading texts[i] alone, or with `teacher_prefixes[i]` (token ids) before it."""
+def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
+    """Each text's last `max_tokens` token ids, and where its reply is read from: the last token of its last
+    "Answer:", which predicts the answer's first token (as a benchmark's context does its continuation), or its
+    last token when it has none (a BoolQ passage and its question)."""
+    out = []
+    for text in raw:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        end = text.rfind("Answer:")
+        prompt = tokenizer(text if end < 0 else text[: end + len("Answer:")], add_special_tokens=False)["input_ids"]
+        cut = max(0, len(ids) - max_tokens)
+        out.append((ids[cut:], max(0, len(prompt) - 1 - cut)))
+    return out
+
+
+def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tuple[list[int], int]],
+                      teacher_prefixes: list[list[int]] | None = None, reply_only: bool = False) -> torch.Tensor:
+    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] before the ids of
+    texts[i] = (ids, reply start). The teacher is the plain backbone reading the ids alone, or with
+    `teacher_prefixes[i]` (token ids) before them. `reply_only`: the text before its reply start does not see the
+    thoughts (`Prompt.reply_only`), and the KL runs over the positions that do."""
     table = backbone.model.get_input_embeddings()
-    plain = [table(torch.tensor(ids)) for ids in texts]
+    plain = [table(torch.tensor(ids)) for ids, _ in texts]
     with torch.no_grad():
         prefixes = teacher_prefixes or [[] for _ in texts]
-        embeds, mask, positions = left_pad([table(torch.tensor(pre + ids)) for pre, ids in zip(prefixes, texts)])
+        embeds, mask, positions = left_pad([table(torch.tensor(pre + ids)) for pre, (ids, _) in zip(prefixes, texts)])
         reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     embeds, mask, positions = left_pad([torch.cat([th.to(e.dtype), e]) for th, e in zip(thoughts, plain)])
-    student = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    length = mask.shape[1]
+    hidden = [(length - len(ids) - len(th), length - len(ids), length - len(ids) + start) if reply_only else None
+              for th, (ids, start) in zip(thoughts, texts)]
+    student = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
+                             position_ids=positions).logits
     total = 0.0
-    for i, ids in enumerate(texts):  # left padding: each text's positions are the last len(ids) of its row
-        ref = F.log_softmax(reference[i, -len(ids):].float(), dim=-1)
-        out = F.log_softmax(student[i, -len(ids):].float(), dim=-1)
+    for i, (ids, start) in enumerate(texts):  # left padding: a text's positions are the last of its row
+        read = len(ids) - (start if reply_only else 0)
+        ref = F.log_softmax(reference[i, -read:].float(), dim=-1)
+        out = F.log_softmax(student[i, -read:].float(), dim=-1)
         total = total + F.kl_div(out, ref, log_target=True, reduction="batchmean")
     return total / len(texts)
 
@@ -193,7 +219,9 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     preservation term on `texts`, if given)."""
     tok = backbone.tokenizer
     thoughts = aux.encode([ex.summary for ex in batch])
-    prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th) for ex, th in zip(batch, thoughts)]
+    reply_only = aux.reply_only
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th, reply_only=reply_only)
+               for ex, th in zip(batch, thoughts)]
     loss, n_tokens = target_loss(backbone.model, backbone.model.get_input_embeddings(), tok, prompts,
                                  [ex.target for ex in batch], cfg.max_target_tokens, [ex.answer for ex in batch],
                                  cfg.edit_weight)
@@ -203,7 +231,7 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     if texts:
         prefixes = (tok([summary_before(ex.summary, "") for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
-        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes)
+        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes, reply_only)
     return loss, n_tokens
 
 
@@ -252,6 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts,
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
         state, offset = None, 0
+    if cfg.thoughts_seen_by:
+        aux.config.thoughts_seen_by = cfg.thoughts_seen_by
     aux.train()
     # the probe reads the mean thought; it is part of training only and never saved with the checkpoint
     check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})
@@ -261,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = (boolq_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
-        texts = [ids[-cfg.preserve_tokens:] for ids in backbone.tokenizer(raw, add_special_tokens=False)["input_ids"]]
+        texts = preservation_texts(backbone.tokenizer, raw, cfg.preserve_tokens)
     start = 0
     if state:
         if probe is not None:

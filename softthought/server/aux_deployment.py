@@ -65,6 +65,7 @@ class AuxDeployment:
             "checkpoint": self.checkpoint,
             "version": m.version if m else None,
             "num_thoughts": m.config.num_thoughts if m else None,
+            "thoughts_seen_by": m.config.thoughts_seen_by if m else None,
             "cached": len(self.cache),
             "last_error": self.last_error,
         }
@@ -79,5 +80,5 @@ class AuxDeployment:
         if not hit:
             thoughts = await asyncio.to_thread(_encode, model, summary)
             self.cache.put(model.version, summary, thoughts)
-        return {"thoughts": thoughts, "version": model.version, "cache_hit": hit,
+        return {"thoughts": thoughts, "reply_only": model.reply_only, "version": model.version, "cache_hit": hit,
                 "latency_s": time.perf_counter() - start}

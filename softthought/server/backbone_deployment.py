@@ -74,10 +74,11 @@ class BackboneDeployment:
             thoughts = request.get("thoughts")
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
             tok = self.backbone.tokenizer
+            reply_only = request.get("reply_only", False)
             if request["kind"] == "chat":
-                prompt = build_chat_prompt(tok, request["messages"], thoughts)
+                prompt = build_chat_prompt(tok, request["messages"], thoughts, reply_only=reply_only)
             else:
-                prompt = build_text_prompt(tok, request["prompt"], thoughts)
+                prompt = build_text_prompt(tok, request["prompt"], thoughts, reply_only=reply_only)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
             params = SamplingParams(**request["params"])

@@ -188,8 +188,10 @@ class Ingress:
                                code="invalid_value")
         return max_tokens
 
-    async def _personalization(self, req) -> tuple[object, dict]:
-        """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none."""
+    async def _personalization(self, req) -> tuple[dict, dict]:
+        """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none.
+        Returns what the backbone needs ("thoughts", and "reply_only": how they are read; {} for none) and the
+        response's extension fields."""
         ext = {"summary_source": "none", "aux_version": None, "preference_version": None}
         if req.preference_summary is not None:
             summary, ext["summary_source"] = req.preference_summary, "inline"
@@ -197,9 +199,9 @@ class Ingress:
         elif req.user and (pref := await asyncio.to_thread(self.store.get, req.user)) is not None:
             summary, ext["summary_source"], ext["preference_version"] = pref.summary, "stored", pref.version
         else:
-            return None, ext
+            return {}, ext
         if not summary.strip():
-            return None, {**ext, "summary_source": "none"}
+            return {}, {**ext, "summary_source": "none"}
         out = await self.aux.thoughts.remote(summary)
         if "error" in out:
             raise oai.APIError(503, out["error"], code="aux_unavailable", type="service_unavailable")
@@ -207,7 +209,7 @@ class Ingress:
         (metrics.CACHE_HITS if out["cache_hit"] else metrics.CACHE_MISSES).inc()
         ext.update(aux_version=out["version"], aux_cache_hit=out["cache_hit"],
                    aux_latency_ms=round(1000 * out["latency_s"], 3))
-        return out["thoughts"], ext
+        return {"thoughts": out["thoughts"], "reply_only": out["reply_only"]}, ext
 
     async def _start(self, req, payload: dict, max_tokens: int, request_id: str) -> tuple[list, int]:
         """Send n generations to the backbone; return their streams once all are accepted."""
@@ -229,10 +231,10 @@ class Ingress:
     async def _run(self, req, payload: dict, chat: bool) -> Response:
         arrival = time.perf_counter()
         max_tokens = self._check_request(req)
-        thoughts, ext = await self._personalization(req)
+        personal, ext = await self._personalization(req)
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
         dispatched = time.perf_counter()
-        payload = {**payload, "thoughts": thoughts, "stream": req.stream}
+        payload = {**payload, **personal, "stream": req.stream}
         streams, prompt_tokens = await self._start(req, payload, max_tokens, request_id)
         metrics.PROMPT_TOKENS.inc(prompt_tokens * req.n)
         timing = _Timing(arrival)

@@ -1,5 +1,7 @@
 """The real server through the official openai client."""
 
+import json
+import shutil
 import time
 
 import pytest
@@ -14,12 +16,11 @@ HELLO = [{"role": "user", "content": "Tell me about the sea."}]
 
 
 def _in_process(smollm, aux_dir, messages, summary, max_tokens):
-    thoughts = None
+    thoughts, aux = None, SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm).eval()
     if summary:
-        aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm).eval()
         with torch.no_grad():
             thoughts = aux.encode([summary])[0]
-    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts)
+    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, reply_only=aux.reply_only)
     return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
 
 
@@ -66,6 +67,26 @@ def test_stored_preferences_select_the_users_thoughts(client, http, smollm, aux_
     assert resp.usage.prompt_tokens == expected.prompt_tokens  # the K thoughts are counted
     plain = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0)
     assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
+
+
+def test_a_reply_only_checkpoint_is_served_as_the_library_reads_it(client, http, smollm, aux_dir, tmp_path):
+    """The same weights with `thoughts_seen_by: reply` are another version, and the server hides the thoughts from
+    the prompt exactly as the library does."""
+    reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
+    config = json.loads((reply_dir / "config.json").read_text())
+    (reply_dir / "config.json").write_text(json.dumps({**config, "thoughts_seen_by": "reply"}))
+    summary, original = "Answer like a pirate, in capitals.", http.get("/admin/aux").json()["version"]
+    rolled = http.post("/admin/aux", json={"checkpoint": str(reply_dir)}).json()
+    try:
+        assert rolled["changed"] and rolled["version"] != original
+        assert http.get("/admin/aux").json()["thoughts_seen_by"] == "reply"
+        resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0,
+                                              extra_body={"preference_summary": summary})
+    finally:
+        assert http.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
+    expected = _in_process(smollm, reply_dir, HELLO, summary, 16)
+    assert resp.choices[0].message.content == expected.text
+    assert expected.text != _in_process(smollm, aux_dir, HELLO, summary, 16).text  # the two readings differ
 
 
 def test_inline_summary_overrides_the_stored_one(client, http):

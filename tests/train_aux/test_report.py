@@ -4,7 +4,8 @@ from dataclasses import asdict
 import pytest
 
 from train_aux.finetune import FinetuneConfig
-from train_aux.report import TASKS, _plain_loglik, _run, plot, render
+from train_aux import report
+from train_aux.report import TASKS, _fine_tuned, _plain_loglik, _run, plot, render
 
 PAIRS = [[f"u{i // 2}", f"p{i}"] for i in range(160)]
 
@@ -104,6 +105,35 @@ def test_cached_results_are_rerun_for_another_checkpoint(tmp_path):
     assert _run(path, False, evaluate, "v2") == {"score": 2, "aux_version": "v2"}  # another aux: scored again
     assert _run(path, True, evaluate, "v2")["score"] == 3  # --rerun
     assert _run(path, False, evaluate, "v2", users_per_item=4)["score"] == 4  # scored with other settings
+
+
+def test_a_fine_tuned_copy_is_trained_and_loaded_only_when_an_evaluation_of_it_must_run(tmp_path, monkeypatch):
+    trained, loaded = [], []
+
+    def finetune(cfg, out, data):
+        trained.append(cfg.steps)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "data_hash": "d"}))
+
+    monkeypatch.setattr(report, "finetune", finetune)
+    monkeypatch.setattr(report, "load_backbone", lambda path, dtype: loaded.append(path) or f"copy in {path}")
+    cfg = FinetuneConfig("lora", 100, 2e-4)
+    asked = {**asdict(cfg), "data_hash": "d"}
+    path = tmp_path / "general_lora.json"
+    path.write_text(json.dumps({"score": 1, "recipe": asked, "aux_version": None}))
+    ft = _fine_tuned(tmp_path / "ft-lora", cfg, tmp_path, asked)
+    assert _run(path, False, lambda: {"score": ft()}, recipe=asked)["score"] == 1  # its evaluation is cached
+    assert trained == [] and loaded == []
+    other = FinetuneConfig("lora", 200, 2e-4)
+    other_recipe = {**asdict(other), "data_hash": "d"}
+    ft = _fine_tuned(tmp_path / "ft-lora", other, tmp_path, other_recipe)
+    for _ in range(2):  # another recipe: trained once, loaded once, both evaluations run
+        assert _run(path, False, lambda ft=ft: {"score": ft()}, recipe=other_recipe)["recipe"] == other_recipe
+        path.write_text(json.dumps({"score": 1, "recipe": asked, "aux_version": None}))
+    assert trained == [200] and len(loaded) == 1
+    ft = _fine_tuned(tmp_path / "ft-lora", other, tmp_path, other_recipe)
+    assert _run(path, True, lambda: {"score": ft()}, recipe=other_recipe)["score"] == f"copy in {tmp_path / 'ft-lora'}"
+    assert trained == [200]  # the copy on disk holds that recipe: loaded, not trained again
 
 
 def test_plain_scores_are_reused_only_for_the_same_backbone_items_seed_and_scoring(tmp_path):

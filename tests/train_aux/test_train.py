@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from softthought.aux_model import SoftThoughtAux
-from train_aux.train import edited_chars, load_config, preservation_loss, target_loss, train
+from softthought.splice import build_text_prompt, embed_prompt, hiding_mask, left_pad
+from train_aux.train import edited_chars, load_config, preservation_loss, preservation_texts, target_loss, train
 
 
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
@@ -37,18 +38,20 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     train(cfg5.model_copy(update={"steps": 6}), resume=True)
     phases = recorded_phases()
     assert [p["from_step"] for p in phases] == [0, 3, 5]
-    # a further phase from the trained checkpoint's weights (fresh optimizer), the summary as the KL's teacher;
-    # its steps count after the checkpoint's and resuming it keeps the count
+    # a further phase from the trained checkpoint's weights (fresh optimizer), the summary as the KL's teacher, the
+    # thoughts now read by the reply only; its steps count after the checkpoint's and resuming it keeps the count
     init = cfg5.model_copy(update={"steps": 2, "init": str(final), "out": str(tmp_path / "more"),
-                                   "preserve_teacher": "text"})
+                                   "preserve_teacher": "text", "thoughts_seen_by": "reply"})
     more = train(init)
+    assert SoftThoughtAux.from_pretrained(final, backbone=tiny).config.thoughts_seen_by == "all"
     meta = SoftThoughtAux.from_pretrained(more, backbone=tiny).config.metadata
     assert meta["steps"] == 8 and meta["init_steps"] == 6
     assert [p["from_step"] for p in meta["phases"]] == [0, 3, 5, 6]
     assert meta["phases"][-1]["train_config"]["init"] == str(final)
-    train(init.model_copy(update={"steps": 3}), resume=True)
-    meta = SoftThoughtAux.from_pretrained(more, backbone=tiny).config.metadata
-    assert meta["steps"] == 9 and [p["from_step"] for p in meta["phases"]] == [0, 3, 5, 6, 8]
+    train(init.model_copy(update={"steps": 3, "thoughts_seen_by": None}), resume=True)  # None keeps the checkpoint's
+    resumed = SoftThoughtAux.from_pretrained(more, backbone=tiny).config
+    assert resumed.metadata["steps"] == 9 and [p["from_step"] for p in resumed.metadata["phases"]] == [0, 3, 5, 6, 8]
+    assert resumed.thoughts_seen_by == "reply"
 
 
 def test_config_refuses_an_unknown_preservation_text():
@@ -83,7 +86,7 @@ def test_edit_weight_moves_the_loss_toward_edited_tokens(tiny):
 
 def test_preservation_loss_is_a_kl_that_only_the_thoughts_can_lower(tiny):
     table = tiny.model.get_input_embeddings()
-    texts = [tiny.tokenizer("Passage: the sea is big.\nAnswer:")["input_ids"], tiny.tokenizer("A cat sat.")["input_ids"]]
+    texts = preservation_texts(tiny.tokenizer, ["Passage: the sea is big.\nAnswer:", "Question: a cat?\nAnswer: A cat sat."], 96)
     thoughts = (table.weight[:8].detach().clone().reshape(2, 4, -1) * 3).requires_grad_()
     loss = preservation_loss(tiny, thoughts, texts)
     loss.backward()
@@ -93,7 +96,7 @@ def test_preservation_loss_is_a_kl_that_only_the_thoughts_can_lower(tiny):
 
 def test_preservation_loss_with_a_text_teacher_is_zero_when_the_thoughts_are_that_text(tiny):
     table, tok = tiny.model.get_input_embeddings(), tiny.tokenizer
-    texts = [tok("Question: why is the sea big?\nAnswer: water.")["input_ids"], tok("A cat sat.")["input_ids"]]
+    texts = preservation_texts(tok, ["Question: why is the sea big?\nAnswer: water.", "A cat sat.\nAnswer: yes"], 96)
     prefixes = [tok("I like cats.\n\n")["input_ids"], tok("Be brief!\n\n")["input_ids"]]
     k = min(len(p) for p in prefixes)
     prefixes = [p[:k] for p in prefixes]
@@ -101,3 +104,36 @@ def test_preservation_loss_with_a_text_teacher_is_zero_when_the_thoughts_are_tha
         as_text = torch.stack([table(torch.tensor(p)) for p in prefixes])  # thoughts that are the prefix's embeddings
         assert preservation_loss(tiny, as_text, texts, prefixes).item() < 1e-5
         assert preservation_loss(tiny, as_text, texts).item() > 1e-3  # the plain backbone is another teacher
+
+
+def test_preservation_texts_read_the_reply_from_the_last_answer_prompt(tiny):
+    tok = tiny.tokenizer
+    texts = ["Question: why is the sea big?\nAnswer: because of water.", "Passage: Answer: no. Is it?\nAnswer:",
+             "A passage.\nQuestion: is it?"]
+    prompts = [texts[0][: texts[0].index(" because")], texts[1], texts[2]]  # no "Answer:": the whole text is the prompt
+    for (ids, start), text, prompt in zip(preservation_texts(tok, texts, 96), texts, prompts):
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids[: start + 1]) == prompt
+    (ids, start), = preservation_texts(tok, texts[:1], 5)  # cut to the last 5 tokens, the reply start moves with them
+    assert len(ids) == 5 and tok.decode(ids[start + 1:]) == tok.decode(tok(texts[0])["input_ids"][-(5 - start - 1):])
+
+
+def test_reply_only_preservation_kl_runs_over_what_reads_the_thoughts(tiny):
+    """The student's text before its reply does not see the thoughts, and the KL is the mean over the reply's positions."""
+    tok, table = tiny.tokenizer, tiny.model.get_input_embeddings()
+    texts = preservation_texts(tok, ["Question: why is the sea so big?\nAnswer: water.", "Q: a cat?\nAnswer: A cat sat."], 96)
+    thoughts = torch.randn(2, 3, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    expected = []
+    with torch.no_grad():
+        for th, (ids, start) in zip(thoughts, texts):  # each text alone, hidden from its prompt as a reply-only prompt
+            prompt = build_text_prompt(tok, tok.decode(ids[: start + 1]), th, reply_only=True)
+            embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, prompt), table(torch.tensor(ids[start + 1:]))])])
+            hidden = prompt.hidden_thoughts()
+            student = tiny.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, [hidden], embeds.dtype),
+                                 position_ids=positions).logits[0, hidden[2]:].log_softmax(-1)
+            plain = tiny.model(input_ids=torch.tensor([ids])).logits[0, start:].log_softmax(-1)
+            expected.append(torch.nn.functional.kl_div(student, plain, log_target=True, reduction="batchmean"))
+        got = preservation_loss(tiny, thoughts, texts, reply_only=True)
+        every_position = preservation_loss(tiny, thoughts, texts)
+    assert got.item() == pytest.approx(sum(expected).item() / 2, rel=1e-4)
+    assert every_position.item() != pytest.approx(got.item(), rel=1e-2)
