@@ -3,8 +3,8 @@ from dataclasses import asdict
 
 import pytest
 
-from train_aux.finetune import FinetuneConfig
 from train_aux import report
+from train_aux.finetune import FinetuneConfig
 from train_aux.report import TASKS, _fine_tuned, _plain_loglik, _run, plot, render
 
 PAIRS = [[f"u{i // 2}", f"p{i}"] for i in range(160)]
