@@ -4,8 +4,8 @@
 
 The figures are those of train_aux/EXPERIMENTS.md (its `section` column names where), each measured by the rule the
 candidates were judged by: ARC-Easy items 1000-1999 with 2 training users per item (`eval general --skip 1000
---users-per-item 2`), checks on the 80 fresh held-out-phrasing users of the K = 4 rule. A candidate would have
-shipped inside the rule's corner: a change of at least -0.25 points and at least 25% of checks passed.
+--users-per-item 2`), checks on the 80 fresh held-out-phrasing users of the K = 4 rule. A candidate inside the
+rule's corner (a change of at least -0.25 points and at least 25% of checks passed) ships.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ def plot(candidates: list[Candidate], path: Path) -> None:
     markers = {"shipped": "*", "shipped earlier": "o", "candidate": "s", "measurement": "D"}
     fig, ax = plt.subplots(figsize=(10, 5.5))
     ax.fill_between([MIN_ARC_EASY_CHANGE, 1.0], MIN_CHECKS_PASSED, 40, color="#2ca02c", alpha=0.12,
-                    label="the rule's corner: would have shipped")
+                    label="the rule's corner: ships")
     # too close together to label in place: one colour each, named in the legend
-    colors = plt.get_cmap("tab10").colors
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[::2] + tab20[1::2]  # 20 distinct: the ten strong colours, then their light shades
     for i, c in enumerate(candidates):
         ax.errorbar(c.arc_easy_change, c.checks_passed, xerr=c.arc_easy_change_se, yerr=c.checks_passed_se,
                     fmt=markers[c.kind], markersize=12 if c.kind == "shipped" else 7, color=colors[i % len(colors)],

@@ -21,3 +21,8 @@ def test_a_bad_row_is_refused_with_its_line(tmp_path, capsys, row):
     with pytest.raises(SystemExit):
         main(["--csv", str(path), "--out", str(tmp_path / "c.png")])
     assert "c.csv:4" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+
+
+def test_every_row_names_a_section_of_the_experiments_log():
+    headings = {line.lstrip("#").strip() for line in (HERE / "EXPERIMENTS.md").read_text().splitlines() if line.startswith("#")}
+    assert {c.section for c in load(HERE / "results" / "dev_candidates.csv")} <= headings
