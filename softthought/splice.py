@@ -171,9 +171,15 @@ def hiding_mask(mask: torch.Tensor, hidden: Sequence[tuple[int, int, int] | None
         return mask
     length = mask.shape[1]
     allowed = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]
+    hide(allowed, hidden)
+    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)  # a padding query sees itself: no NaN row
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def hide(allowed: torch.Tensor, hidden: Sequence[tuple[int, int, int] | None]) -> None:
+    """In place, in a boolean [B, L, L] mask of what each query may attend to: row i's positions [a, b) hidden from
+    its queries [b, c), for hidden[i] = (a, b, c)."""
     for i, span in enumerate(hidden):
         if span is not None:
             a, b, c = span
             allowed[i, b:c, a:b] = False
-    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)  # a padding query sees itself: no NaN row
-    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

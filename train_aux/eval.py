@@ -25,7 +25,7 @@ from tqdm import tqdm
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone
 from softthought.generation import Engine, SamplingParams
-from softthought.splice import build_chat_prompt, hiding_mask, left_pad, with_system_text
+from softthought.splice import Prompt, build_chat_prompt, hide, hiding_mask, left_pad, with_system_text
 
 from .checks import check_all
 from .data import read_jsonl, summary_before
@@ -152,6 +152,11 @@ def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[
     return ctx, whole[len(ctx):]
 
 
+def _text_prompt(context: list[int], thoughts: torch.Tensor | None, reply_only: bool) -> Prompt:
+    """The context as a plain-text prompt, thoughts first: what `Prompt.hidden_thoughts` reads the hidden span off."""
+    return Prompt([context] if thoughts is None else [thoughts, context], reply_only)
+
+
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
                    desc: str = "loglik", reply_only: bool = False) -> list[float]:
@@ -162,7 +167,7 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
     out = [0.0] * len(requests)
     for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch]
-        seqs, conts, spans = [], [], []  # spans: (thoughts, context) lengths of the rows that hide their thoughts
+        seqs, conts, prompts = [], [], []
         for i in idx:
             ctx, cont, thoughts = requests[i]
             emb = table(torch.tensor(ctx + cont))
@@ -170,11 +175,10 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
                 emb = torch.cat([thoughts.to(emb.dtype), emb])
             seqs.append(emb)
             conts.append(cont)
-            spans.append((len(thoughts), len(ctx)) if reply_only and thoughts is not None else None)
+            prompts.append(_text_prompt(ctx, thoughts, reply_only))
         embeds, mask, positions = left_pad(seqs)
         length = embeds.shape[1]
-        hidden = [None if s is None else (length - len(e), length - len(e) + s[0], length - len(e) + s[0] + s[1] - 1)
-                  for e, s in zip(seqs, spans)]
+        hidden = [p.hidden_thoughts(length - len(e)) for p, e in zip(prompts, seqs)]
         logits = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
                                 position_ids=positions).logits
         for row, (i, cont) in enumerate(zip(idx, conts)):
@@ -197,7 +201,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
     out: list[list[float]] = [[] for _ in groups]
     for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch]
-        rows, segments, positions, hidden = [], [], [], []
+        rows, segments, positions, hidden_spans = [], [], [], []
         reads = []  # per continuation: its item, and the (row, position, token) of each of its tokens
         for r, i in enumerate(idx):
             ctx, conts, thoughts = groups[i]
@@ -205,7 +209,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
             if thoughts is not None:
                 emb = torch.cat([thoughts.to(emb.dtype), emb])
             prefix = emb.shape[0] - sum(map(len, conts))  # thoughts + context
-            hidden.append((len(thoughts), prefix - 1) if reply_only and thoughts is not None else None)
+            hidden_spans.append(_text_prompt(ctx, thoughts, reply_only).hidden_thoughts())  # rows start at position 0
             seg, pos, at = [0] * prefix, list(range(prefix)), prefix
             for s, cont in enumerate(conts, 1):
                 seg += [s] * len(cont)
@@ -227,9 +231,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
             embeds[r, : e.shape[0]], seg[r, : e.shape[0]], pos[r, : e.shape[0]] = e, s, p
         q, k = seg[:, :, None], seg[:, None, :]
         allowed = torch.ones(length, length, dtype=torch.bool).tril() & ((k == q) | ((k == 0) & (q >= 0)))
-        for r, span in enumerate(hidden):
-            if span is not None:  # rows start at position 0: thoughts [0, K), context [K, prefix)
-                allowed[r, span[0] : span[1], : span[0]] = False
+        hide(allowed, hidden_spans)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         flat = [x for _, tokens in reads for x in tokens]

@@ -175,11 +175,9 @@ def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple
     """Each text's last `max_tokens` token ids, and where its reply is read from: the last token of its last
     "Answer:", which predicts the answer's first token (as a benchmark's context does its continuation), or its
     last token when it has none (a BoolQ passage and its question)."""
+    heads = [text if (end := text.rfind("Answer:")) < 0 else text[: end + len("Answer:")] for text in raw]
     out = []
-    for text in raw:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        end = text.rfind("Answer:")
-        prompt = tokenizer(text if end < 0 else text[: end + len("Answer:")], add_special_tokens=False)["input_ids"]
+    for ids, prompt in zip(*(tokenizer(t, add_special_tokens=False)["input_ids"] for t in (raw, heads))):
         cut = max(0, len(ids) - max_tokens)
         out.append((ids[cut:], max(0, len(prompt) - 1 - cut)))
     return out
@@ -199,7 +197,7 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
         reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     embeds, mask, positions = left_pad([torch.cat([th.to(e.dtype), e]) for th, e in zip(thoughts, plain)])
     length = mask.shape[1]
-    hidden = [(length - len(ids) - len(th), length - len(ids), length - len(ids) + start) if reply_only else None
+    hidden = [Prompt([th, ids[: start + 1]], reply_only).hidden_thoughts(length - len(ids) - len(th))
               for th, (ids, start) in zip(thoughts, texts)]
     student = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
                              position_ids=positions).logits
