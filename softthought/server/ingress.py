@@ -21,6 +21,7 @@ from ..splice import THOUGHT_MARKER
 from ..store import PreferenceStore
 from . import metrics
 from .config import ServerConfig
+from .request_metrics import RequestMetrics, is_cancellation
 from .rollout import apply_checkpoint, validate_checkpoint
 
 log = logging.getLogger("softthought.ingress")
@@ -48,28 +49,12 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(Exception)
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")
+    if not is_cancellation(exc):  # a handle call cancelled because its client left is no error of ours
+        log.exception("unhandled error")
     return JSONResponse(oai.APIError(500, "internal server error", code="internal_error").body(), status_code=500)
 
 
-@app.middleware("http")
-async def _count_requests(request: Request, call_next):
-    metrics.IN_FLIGHT.inc()
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    except asyncio.CancelledError:
-        status = 499  # the client went away (nginx's convention); nothing was sent
-        raise
-    finally:
-        metrics.IN_FLIGHT.dec()
-        route = request.scope.get("route")
-        label = getattr(route, "path", "other")  # the route template: bounded label values
-        metrics.REQUESTS.labels(label, str(status)).inc()
-        metrics.LATENCY.labels(label).observe(time.perf_counter() - start)
+app.add_middleware(RequestMetrics)
 
 
 async def _parse(request: Request, model: type):
@@ -377,11 +362,13 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        """200 once both models answer, 503 until then or while a replica is down; nothing else."""
         try:
-            backbone, aux = await asyncio.wait_for(
-                asyncio.gather(self.backbone.info.remote(), self.aux.info.remote()), timeout=2)
-        except Exception as exc:  # models still loading, or a replica is down
-            return JSONResponse({"status": "loading", "detail": str(exc)[:200]}, status_code=503)
+            async with asyncio.timeout(2):
+                backbone, aux = await asyncio.gather(self.backbone.info.remote(), self.aux.info.remote())
+        except Exception as exc:  # models still loading, a replica down, or the probe's own time-out
+            log.info("not ready: %s", exc)
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.config.served_model_name, "backbone": backbone, "aux": aux})
 
     @app.get("/metrics")
