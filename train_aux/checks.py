@@ -16,36 +16,35 @@ from pathlib import Path
 
 from .paths import shared_data
 
-#: The checks a user's preferences may carry (IFEval instruction ids).
+#: The checks a user's preferences may carry (IFEval instruction ids): every standing-preference type of `users.KINDS`.
 CHECK_IDS = (
     "language:response_language",
-    "length_constraints:number_words",
     "change_case:english_lowercase",
     "change_case:english_capital",
+    "change_case:capital_word_frequency",
+    "punctuation:no_comma",
+    "length_constraints:number_words",
+    "length_constraints:number_sentences",
+    "length_constraints:number_paragraphs",
+    "detectable_format:title",
+    "detectable_format:number_bullet_lists",
+    "detectable_format:number_highlighted_sections",
+    "detectable_format:multiple_sections",
+    "detectable_format:json_format",
+    "detectable_content:postscript",
+    "detectable_content:number_placeholders",
     "startend:end_checker",
     "startend:quotation",
     "keywords:existence",
-    "punctuation:no_comma",
-    "detectable_content:postscript",
-    "detectable_format:title",
+    "keywords:frequency",
+    "keywords:forbidden_words",
+    "keywords:letter_frequency",
 )
-
-_CLASSES = {
-    "language:response_language": "ResponseLanguageChecker",
-    "length_constraints:number_words": "NumberOfWords",
-    "change_case:english_lowercase": "LowercaseLettersEnglishChecker",
-    "change_case:english_capital": "CapitalLettersEnglishChecker",
-    "startend:end_checker": "EndChecker",
-    "startend:quotation": "QuotationChecker",
-    "keywords:existence": "KeywordChecker",
-    "punctuation:no_comma": "CommaChecker",
-    "detectable_content:postscript": "PostscriptChecker",
-    "detectable_format:title": "TitleChecker",
-}
 
 
 @functools.cache
 def _instructions() -> types.ModuleType:
+    """lm-eval's IFEval instruction registry (its checkers by instruction id)."""
     os.environ.setdefault("NLTK_DATA", str(shared_data() / "ifeval" / "nltk_data"))  # never download
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
@@ -56,7 +55,7 @@ def _instructions() -> types.ModuleType:
             stub = types.ModuleType(name)
             stub.__path__ = []
             sys.modules[name] = stub
-    for name in ("instructions_util", "instructions"):
+    for name in ("instructions_util", "instructions", "instructions_registry"):
         full = f"lm_eval.tasks.ifeval.{name}"
         if full not in sys.modules:
             module_spec = importlib.util.spec_from_file_location(full, ifeval_dir / f"{name}.py")
@@ -70,14 +69,14 @@ def _instructions() -> types.ModuleType:
     from langdetect import DetectorFactory
 
     DetectorFactory.seed = 0
-    return sys.modules["lm_eval.tasks.ifeval.instructions"]
+    return sys.modules["lm_eval.tasks.ifeval.instructions_registry"]
 
 
 def check(response: str, instruction_id: str, kwargs: dict | None = None) -> bool:
     """Whether `response` follows the instruction, exactly as IFEval's strict checker decides."""
-    if instruction_id not in _CLASSES:
+    if instruction_id not in CHECK_IDS:
         raise ValueError(f"unknown check {instruction_id!r}; known: {', '.join(CHECK_IDS)}")
-    checker = getattr(_instructions(), _CLASSES[instruction_id])(instruction_id)
+    checker = _instructions().INSTRUCTION_DICT[instruction_id](instruction_id)
     random.seed(0)  # some checkers pick random defaults in build_description
     checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
     return bool(response.strip()) and bool(checker.check_following(response))

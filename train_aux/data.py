@@ -1,7 +1,9 @@
 """Training data: prompts, the backbone's own answers, and those answers minimally edited per user.
 
-`python -m train_aux.data --out train_aux/data` writes train/eval users (eval: unseen users *and* unseen
-phrasings), train/eval prompts, and the frozen backbone's own greedy answers to the training prompts.
+`python -m train_aux.data --out train_aux/data` writes the users (training; evaluation: (a) unseen users with unseen
+phrasings, dev users of the same kind for choosing checkpoints, (b) users phrased from IFEval's held-out sentences, (c)
+users with kinds held out of training), train/eval prompts, the frozen backbone's own greedy answers to the training
+prompts, and its sampled answers in each response language.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checks import check_all
+from .checks import check, check_all
 from .paths import shared_data
-from .users import make_users
+from .users import LANGUAGE_NAMES, LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
 
 TOPICS = [
     "the ocean", "volcanoes", "photosynthesis", "the moon", "honey bees", "the internet", "rain", "gravity",
@@ -101,22 +103,106 @@ def _truncate_words(text: str, limit: int) -> str:
     return sentences if len(sentences.split()) >= 3 else cut.rstrip(",;:") + "."
 
 
+def _sentences(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t.strip()]
+
+
+def _groups(sentences: list[str], n: int) -> list[str] | None:
+    """`sentences` in `n` consecutive groups of about equal size; with fewer sentences than `n`, the longest pieces
+    split at a comma or an "and" (None if that is still too few)."""
+    pieces = list(sentences)
+    while 0 < len(pieces) < n:
+        i = max(range(len(pieces)), key=lambda j: len(pieces[j]))
+        cuts = [m for m in re.finditer(r", | and ", pieces[i]) if 12 < m.start() < len(pieces[i]) - 12]
+        if not cuts:
+            return None
+        m = min(cuts, key=lambda m: abs(m.start() - len(pieces[i]) / 2))
+        head, tail = pieces[i][: m.start()], pieces[i][m.end():]
+        pieces[i : i + 1] = [head.rstrip(",") + ".", tail[0].upper() + tail[1:]]
+    if len(pieces) < n:
+        return None
+    cuts = [round(i * len(pieces) / n) for i in range(n + 1)]
+    return [" ".join(pieces[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+SYNONYMS = {"very": "quite", "really": "truly", "also": "too", "many": "numerous", "important": "key", "because": "since",
+            "different": "varied", "people": "folks", "known": "famed", "often": "frequently", "help": "aid",
+            "world": "planet"}
+PLACEHOLDERS = ["[name]", "[date]", "[place]", "[email]", "[address]", "[phone]"]
+
+
+def _replace_words(text: str, words: list[str]) -> str:
+    for w in words:
+        text = re.sub(rf"\b{re.escape(w)}\b", lambda m, w=w: SYNONYMS.get(w.lower(), "")
+                      if m.group()[0].islower() else SYNONYMS.get(w.lower(), "").capitalize(), text, flags=re.IGNORECASE)
+    return re.sub(r"  +", " ", text)
+
+
+def _shout(text: str, n: int) -> str:
+    """The `n` longest words (at least four letters) of `text` written in capitals."""
+    words = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", text)}, key=len, reverse=True)[:n]
+    for w in words:
+        text = re.sub(rf"\b{w}\b", w.upper(), text, count=1)
+    return text
+
+
 def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random) -> str | None:
-    """The smallest edit of the backbone's own answer that satisfies every check, or None if none is found."""
+    """The smallest edit of the backbone's own answer that satisfies every check, or None if none is found.
+
+    `answer` is the plain backbone's answer, or for a response-language user its sampled answer in that language."""
     kinds = {c["instruction_id"]: c.get("kwargs") or {} for c in checks}
     text = answer.strip()
-    if "length_constraints:number_words" in kinds:
+    if "length_constraints:number_words" in kinds and kinds["length_constraints:number_words"]["relation"] == "less than":
         budget = kinds["length_constraints:number_words"]["num_words"]
-        # leave room for the words other edits add (title, end phrase, postscript, keywords)
-        extra = 4 * sum(k in kinds for k in ("detectable_format:title", "startend:end_checker",
-                                             "detectable_content:postscript", "keywords:existence"))
+        # leave room for the words other edits add (title, end phrase, postscript, keywords, placeholders, sections)
+        extra = 4 * sum(k in kinds for k in ("detectable_format:title", "startend:end_checker", "detectable_content:postscript",
+                                             "keywords:existence", "keywords:frequency", "detectable_content:number_placeholders",
+                                             "detectable_format:multiple_sections"))
         text = _truncate_words(text, max(5, budget - extra))
+    if "length_constraints:number_sentences" in kinds:
+        limit = kinds["length_constraints:number_sentences"]["num_sentences"]
+        text = " ".join(_sentences(text)[: max(1, limit - 1 - ("detectable_content:postscript" in kinds))])
+    if "keywords:forbidden_words" in kinds:
+        text = _replace_words(text, kinds["keywords:forbidden_words"]["forbidden_words"])
     if "punctuation:no_comma" in kinds:
         text = text.replace(",", "")
     if "keywords:existence" in kinds:
         missing = [k for k in kinds["keywords:existence"]["keywords"] if k.lower() not in text.lower()]
         if missing:
             text += " " + rng.choice(["Think of {w}.", "This reminds me of {w}.", "Like {w}."]).format(w=" and ".join(missing))
+    if "keywords:frequency" in kinds and kinds["keywords:frequency"]["relation"] == "at least":
+        kw = kinds["keywords:frequency"]
+        missing = kw["frequency"] - len(re.findall(kw["keyword"], text, flags=re.IGNORECASE))
+        if missing > 0:
+            text += " " + " ".join(rng.choice(["Think of {w}.", "Picture a {w}.", "A {w} fits here."]).format(w=kw["keyword"])
+                                   for _ in range(missing))
+    if "detectable_content:number_placeholders" in kinds:
+        n = kinds["detectable_content:number_placeholders"]["num_placeholders"]
+        slots = rng.sample(PLACEHOLDERS, n) if n <= len(PLACEHOLDERS) else [f"[item {i + 1}]" for i in range(n)]
+        text += " " + rng.choice(["Fill in {p}.", "Adapt it with {p}.", "Replace {p} as needed."]).format(p=" and ".join(slots))
+    if kinds.get("change_case:capital_word_frequency", {}).get("capital_relation") == "at least":
+        text = _shout(text, kinds["change_case:capital_word_frequency"]["capital_frequency"])
+    if "detectable_format:number_highlighted_sections" in kinds:
+        sentences = _sentences(text)
+        n = kinds["detectable_format:number_highlighted_sections"]["num_highlights"]
+        if len(sentences) < n:
+            return None
+        text = " ".join(f"*{s}*" if i < n else s for i, s in enumerate(sentences))
+    for structure, key in (("detectable_format:number_bullet_lists", "num_bullets"),
+                           ("length_constraints:number_paragraphs", "num_paragraphs"),
+                           ("detectable_format:multiple_sections", "num_sections")):
+        if structure not in kinds:
+            continue
+        groups = _groups(_sentences(text), kinds[structure][key])
+        if groups is None:
+            return None
+        if key == "num_bullets":
+            text = "\n".join(f"* {g}" for g in groups)
+        elif key == "num_paragraphs":
+            text = "\n\n***\n\n".join(groups)
+        else:
+            spliter = kinds[structure]["section_spliter"]
+            text = "\n\n".join(f"{spliter} {i + 1}\n{g}" for i, g in enumerate(groups))
     if "startend:end_checker" in kinds:
         text = text.rstrip() + " " + kinds["startend:end_checker"]["end_phrase"]
     if "detectable_content:postscript" in kinds:
@@ -127,6 +213,8 @@ def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random
             text = text.replace(" " + phrase + "\n\n", "\n\n", 1).rstrip() + " " + phrase
     if "detectable_format:title" in kinds:
         text = f"<<{_title(prompt)}>>\n{text}"
+    if "detectable_format:json_format" in kinds:
+        text = json.dumps({"answer": text}, ensure_ascii=False)
     if "change_case:english_lowercase" in kinds:
         text = text.lower()
     if "change_case:english_capital" in kinds:
@@ -165,27 +253,71 @@ def teacher_answers(prompts: list[str], backbone: str | None, max_tokens: int, b
     return rows
 
 
+def language_answers(answers: list[dict], backbone: str | None, prompts: int, samples: int, max_tokens: int,
+                     batch: int, seed: int) -> list[dict]:
+    """The backbone's own answers in each of `LANGUAGES`, which no edit can write: sampled `samples` times per prompt
+    with the preference written as text (a system message), and kept (the first per prompt) only when IFEval's
+    language check passes. Their prompts are the first `prompts` of `answers`, so each has a plain answer beside it."""
+    from softthought.generation import SamplingParams
+    from softthought.pipeline import Pipeline
+    from softthought.splice import build_chat_prompt
+
+    pipe = Pipeline.load(backbone, dtype="bfloat16", max_batch_size=batch)
+    chosen = [a["prompt"] for a in answers[:prompts]]
+    rows = []
+    for code in LANGUAGES:
+        system = f"Always answer in {LANGUAGE_NAMES['en'][code]}, never in English."
+        jobs = [p for p in chosen for _ in range(samples)]
+        kept: dict[str, str] = {}
+        for i in tqdm(range(0, len(jobs), batch), desc=f"answers in {code}", unit="batch"):
+            chunk = jobs[i : i + batch]
+            built = [build_chat_prompt(pipe.backbone.tokenizer, [{"role": "system", "content": system},
+                                                                 {"role": "user", "content": p}]) for p in chunk]
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed + i)
+            for p, r in zip(chunk, pipe.engine.generate(built, params)):
+                answer = whole_sentences(r.text)
+                if p not in kept and len(answer.split()) >= 5 and check(answer, "language:response_language", {"language": code}):
+                    kept[p] = answer
+        rows += [{"prompt": p, "language": code, "answer": a} for p, a in kept.items()]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="train_aux/data")
-    ap.add_argument("--train-users", type=int, default=600)
+    ap.add_argument("--train-users", type=int, default=1200)
     ap.add_argument("--eval-users", type=int, default=80)
     ap.add_argument("--train-prompts", type=int, default=640)
     ap.add_argument("--eval-prompts", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--language-prompts", type=int, default=64, help="prompts answered in each language")
+    ap.add_argument("--language-samples", type=int, default=2, help="samples per prompt and language")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--backbone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-answers", action="store_true",
+                    help="keep answers.jsonl and language_answers.jsonl already in --out (the slow part); write only the users")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    write_jsonl(out / "train_users.jsonl", make_users(args.train_users, args.seed, "train", held_out_phrasing=False))
-    # unseen users *and* unseen phrasings (the held-out variant of every style)
+    train_users = make_users(args.train_users, args.seed, "train", held_out_phrasing=False)
+    write_jsonl(out / "train_users.jsonl", train_users + ifeval_users("train", len(train_users) // 4, args.seed))
+    # (a) unseen users with unseen phrasings (the held-out variant of every style); dev: the same kind of users,
+    # drawn apart, for choosing checkpoints; (b) users phrased from IFEval's held-out sentences; (c) zero-shot kinds
     write_jsonl(out / "eval_users.jsonl", make_users(args.eval_users, args.seed + 1, "eval", held_out_phrasing=True))
+    write_jsonl(out / "dev_users.jsonl", make_users(args.eval_users, args.seed + 3, "dev", held_out_phrasing=True))
+    write_jsonl(out / "eval_users_ifeval.jsonl", ifeval_users("eval", args.eval_users, args.seed + 1))
+    write_jsonl(out / "eval_users_zero_shot.jsonl", make_users(args.eval_users, args.seed + 2, "zero", held_out_phrasing=True,
+                                                               kinds=TRAINED + ZERO_SHOT, include=ZERO_SHOT))
     pool = prompt_pool(args.seed)
     train, evaluation = pool[: args.train_prompts], pool[args.train_prompts : args.train_prompts + args.eval_prompts]
     write_jsonl(out / "train_prompts.jsonl", [{"prompt": p} for p in train])
     write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p} for p in evaluation])
-    write_jsonl(out / "answers.jsonl", teacher_answers(train, args.backbone, args.max_tokens, args.batch))
+    if not (args.reuse_answers and (out / "answers.jsonl").exists()):
+        write_jsonl(out / "answers.jsonl", teacher_answers(train, args.backbone, args.max_tokens, args.batch))
+    if not (args.reuse_answers and (out / "language_answers.jsonl").exists()):
+        write_jsonl(out / "language_answers.jsonl", language_answers(
+            read_jsonl(out / "answers.jsonl"), args.backbone, args.language_prompts, args.language_samples, args.max_tokens,
+            args.batch, args.seed))
 
 
 if __name__ == "__main__":

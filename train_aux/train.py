@@ -94,8 +94,9 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
 def data_hash(data: Path) -> str:
     """The training data's identity: its users and the backbone's answers."""
     h = hashlib.sha256()
-    for name in ("train_users.jsonl", "answers.jsonl"):
-        h.update((data / name).read_bytes())
+    for name in ("train_users.jsonl", "answers.jsonl", "language_answers.jsonl"):
+        if (data / name).exists() or name != "language_answers.jsonl":  # older data sets have no answers in other languages
+            h.update((data / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -109,19 +110,32 @@ class Example:
 
 
 class Examples:
-    """Endless stream of examples from random users and the backbone's own answers."""
+    """Endless stream of examples from random users and the backbone's own answers: in the user's response language
+    when they have one (`language_answers`), else its plain answers."""
 
-    def __init__(self, users: list[dict], answers: list[dict], seed: int) -> None:
-        self.users, self.answers = users, answers
+    def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = ()) -> None:
+        self.answers = answers
+        self.plain = {a["prompt"]: a["answer"] for a in answers}
+        self.by_language: dict[str, list[dict]] = {}
+        for row in language_answers:
+            self.by_language.setdefault(row["language"], []).append(row)
+        self.users = [u for u in users if (lang := _language(u)) is None or lang in self.by_language]
         self.rng = random.Random(seed)
 
     def sample(self) -> Example:
         while True:
-            user, row = self.rng.choice(self.users), self.rng.choice(self.answers)
+            user = self.rng.choice(self.users)
+            lang = _language(user)
+            row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng)
             if target is not None:
-                return Example(user["summary"], row["prompt"], target, row["answer"],
+                # an answer in another language is all preference: compared with the plain answer, all of it is edited
+                return Example(user["summary"], row["prompt"], target, self.plain[row["prompt"]],
                                [c["instruction_id"] for c in user["checks"]])
+
+
+def _language(user: dict) -> str | None:
+    return next((c["kwargs"]["language"] for c in user["checks"] if c["instruction_id"] == "language:response_language"), None)
 
 
 def edited_chars(source: str, target: str) -> list[bool]:
@@ -285,7 +299,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})
     probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
-    examples = Examples(users, answers, cfg.seed)
+    languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
+    examples = Examples(users, answers, cfg.seed, languages)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = (boolq_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])

@@ -1,179 +1,224 @@
-"""Synthetic users with checkable preferences, phrased many ways.
+"""Synthetic users with checkable standing preferences, phrased the ways people write them down.
 
-A user is {"user", "summary", "checks"}: the summary is free text in one of several styles (first person,
-third person, terse notes, or French/Spanish/German), optionally padded with unrelated persona facts as a
-real "semantic memory" would be; the checks are IFEval instruction ids with kwargs. Each style has several
-phrasing variants per preference; the last variant of every style is held out of training, so evaluation
-can use phrasings the auxiliary model never saw, as well as users it never saw.
+A user is {"user", "summary", "checks", ...}: the checks are IFEval instruction ids with their kwargs, the summary free
+text built from the phrasings in `phrasings/<kind>.yaml` (first and third person, terse notes, polite requests,
+negations, French, German and Spanish), one to three preferences mixed with personal facts that nothing checks, now and
+then with a typo. The last phrasing of every style is held out of training (evaluation users may use only those);
+the kinds in `ZERO_SHOT` are held out of training altogether.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-END_PHRASES = ["Cheers!", "Hope this helps!", "Have a great day!", "Stay curious.", "That is all."]
-KEYWORDS = ["banana", "sunshine", "galaxy", "river", "pencil", "harmony", "compass", "lantern"]
-WORD_LIMITS = [20, 30, 40]
-PERSONAS = [
-    "I live in Ohio and work as a nurse.", "I have two cats.", "My favourite season is autumn.",
-    "I'm studying economics.", "I work night shifts.", "I like hiking on weekends.", "I'm a retired teacher.",
-    "I play the violin.", "I'm learning to cook.", "I commute by bike.",
-]
-PERSONAS_THIRD = [
-    "Lives in Ohio, works as a nurse.", "Has two cats.", "Favourite season: autumn.", "Studies economics.",
-    "Works night shifts.", "Enjoys weekend hikes.", "Retired teacher.", "Plays the violin.",
-]
+import yaml
 
-# Phrasings: preference -> style -> variants. "{x}" is the preference's parameter. The last variant of
-# each style is held out of training.
-PHRASINGS: dict[str, dict[str, list[str]]] = {
-    "lowercase": {
-        "first": ["I prefer answers written entirely in lowercase letters.", "Please never use capital letters when you answer me.",
-                  "I like replies in all lowercase, no capitals at all.", "Write to me only in lowercase, please."],
-        "third": ["The user wants responses in lowercase only.", "Prefers answers with no capital letters.",
-                  "They like every reply written in lowercase.", "This person asks for all-lowercase text."],
-        "terse": ["lowercase only", "no caps", "all lowercase", "reply lowercase"],
-        "foreign": ["Je préfère des réponses entièrement en minuscules (in English).",
-                    "Prefiero respuestas solo en minúsculas (in English).",
-                    "Bitte antworte nur in Kleinbuchstaben (in English)."],
-    },
-    "capital": {
-        "first": ["I want every answer written in CAPITAL LETTERS.", "Please answer me in all caps.",
-                  "I like replies entirely in uppercase.", "Write your answers to me in capital letters only."],
-        "third": ["The user wants all responses in uppercase.", "Prefers answers written in all capital letters.",
-                  "They like every reply in caps.", "This person asks for uppercase-only answers."],
-        "terse": ["ALL CAPS", "uppercase only", "caps lock answers", "capital letters only"],
-        "foreign": ["Je veux des réponses en MAJUSCULES (in English).", "Quiero respuestas en MAYÚSCULAS (in English).",
-                    "Antworte bitte nur in GROSSBUCHSTABEN (in English)."],
-    },
-    "end_phrase": {
-        "first": ["I like answers that end with the exact phrase \"{x}\"", "Please always finish your reply with \"{x}\"",
-                  "End every answer to me with: {x}", "I want your last words to always be \"{x}\""],
-        "third": ["The user wants each response to end with \"{x}\"", "Prefers replies that finish with the phrase \"{x}\"",
-                  "They like answers closing with \"{x}\"", "This person asks that every answer end in \"{x}\""],
-        "terse": ["sign-off: \"{x}\"", "end with \"{x}\"", "closing line \"{x}\"", "always finish: \"{x}\""],
-        "foreign": ["Termine toujours tes réponses par \"{x}\"", "Termina siempre tus respuestas con \"{x}\"",
-                    "Beende jede Antwort mit \"{x}\""],
-    },
-    "quotation": {
-        "first": ["I like the whole answer wrapped in double quotation marks.", "Please put your entire reply inside double quotes.",
-                  "Wrap everything you say to me in quotation marks.", "I want answers enclosed in double quotes."],
-        "third": ["The user wants the full response wrapped in double quotes.", "Prefers replies enclosed in quotation marks.",
-                  "They like answers inside double quotation marks.", "This person asks for quoted responses."],
-        "terse": ["wrap answer in \"quotes\"", "double-quoted replies", "quote the whole answer", "answers in quotes"],
-        "foreign": ["Mets toute ta réponse entre guillemets doubles.", "Pon toda tu respuesta entre comillas dobles.",
-                    "Setze die ganze Antwort in doppelte Anführungszeichen."],
-    },
-    "keywords": {
-        "first": ["I like it when answers mention the words {x}.", "Please always include the words {x} in your reply.",
-                  "Work the words {x} into every answer for me.", "I want to see the words {x} in what you write."],
-        "third": ["The user wants responses to contain the words {x}.", "Prefers answers that use the words {x}.",
-                  "They like replies mentioning {x}.", "This person asks that answers include {x}."],
-        "terse": ["must mention: {x}", "include words {x}", "keywords {x}", "always say {x}"],
-        "foreign": ["Utilise toujours les mots {x} dans tes réponses.", "Incluye siempre las palabras {x}.",
-                    "Verwende immer die Wörter {x}."],
-    },
-    "no_comma": {
-        "first": ["I can't stand commas, so please never use any.", "Please answer me without a single comma.",
-                  "I prefer replies with no commas at all.", "Don't use commas when you write to me."],
-        "third": ["The user wants responses with no commas.", "Prefers answers without any commas.",
-                  "They dislike commas in replies.", "This person asks for comma-free text."],
-        "terse": ["no commas", "zero commas", "avoid commas", "comma-free"],
-        "foreign": ["N'utilise jamais de virgules.", "No uses comas nunca.", "Benutze niemals Kommas."],
-    },
-    "postscript": {
-        "first": ["I like every answer to end with a postscript starting with {x}", "Please add a {x} note at the end of your replies.",
-                  "Always include a postscript ({x}) after your answer.", "I want a {x} line at the bottom of each reply."],
-        "third": ["The user wants a postscript starting with {x} at the end.", "Prefers answers followed by a {x} note.",
-                  "They like replies that close with a {x} postscript.", "This person asks for a {x} section after answers."],
-        "terse": ["add {x} at end", "postscript {x}", "include a {x} line", "end with a {x} note"],
-        "foreign": ["Ajoute toujours un post-scriptum {x} à la fin.", "Añade siempre una posdata {x} al final.",
-                    "Füge immer ein {x} am Ende hinzu."],
-    },
-    "title": {
-        "first": ["I like answers that start with a title in double angular brackets, like <<Title>>.",
-                  "Please give every reply a title wrapped in << and >>.",
-                  "Begin your answers with a title such as <<My Title>>.", "I want a <<title>> at the top of each answer."],
-        "third": ["The user wants each response to have a title in double angular brackets, e.g. <<Title>>.",
-                  "Prefers replies headed by a <<title>>.", "They like answers that open with a <<title>>.",
-                  "This person asks for a title like <<this>> on every reply."],
-        "terse": ["title in <<brackets>>", "start with <<title>>", "<<title>> first", "headline as <<...>>"],
-        "foreign": ["Commence chaque réponse par un titre entre <<chevrons>>.", "Empieza con un título entre <<corchetes angulares>>.",
-                    "Beginne jede Antwort mit einem Titel in <<spitzen Klammern>>."],
-    },
-    "short": {
-        "first": ["I like short answers, fewer than {x} words.", "Please keep your replies under {x} words.",
-                  "Answer me in less than {x} words.", "I want brief answers: under {x} words each."],
-        "third": ["The user wants responses shorter than {x} words.", "Prefers answers under {x} words.",
-                  "They like replies of fewer than {x} words.", "This person asks for answers below {x} words."],
-        "terse": ["max {x} words", "under {x} words", "<{x} words", "keep it below {x} words"],
-        "foreign": ["Réponds en moins de {x} mots.", "Responde en menos de {x} palabras.", "Antworte in weniger als {x} Wörtern."],
-    },
+PHRASINGS_DIR = Path(__file__).with_name("phrasings")
+#: Languages the backbone writes well enough for IFEval's language check to pass on its samples.
+LANGUAGES = ("fr", "de", "es", "it", "pt")
+#: A language's name as a phrasing written in each language spells it.
+LANGUAGE_NAMES = {
+    "en": {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"},
+    "fr": {"fr": "français", "de": "allemand", "es": "espagnol", "it": "italien", "pt": "portugais"},
+    "de": {"fr": "Französisch", "de": "Deutsch", "es": "Spanisch", "it": "Italienisch", "pt": "Portugiesisch"},
+    "es": {"fr": "francés", "de": "alemán", "es": "español", "it": "italiano", "pt": "portugués"},
 }
-STYLES = ("first", "third", "terse", "foreign")
-# Preferences that cannot hold together.
-CONFLICTS = {frozenset({"lowercase", "capital"})}
+AND = {"en": "and", "fr": "et", "de": "und", "es": "y"}
+STYLES = ("first", "third", "terse", "polite", "negation", "fr", "de", "es")
+#: The voice a summary is written in, and the phrasing styles that voice draws each preference from.
+VOICES = {"first": ("first", "polite", "negation"), "third": ("third",), "terse": ("terse", "negation"),
+          "fr": ("fr",), "de": ("de",), "es": ("es",)}
+
+END_PHRASES = ["Cheers!", "Hope this helps!", "Have a great day!", "Stay curious.", "That is all.", "Talk soon.",
+               "Any other questions?", "Best wishes."]
+KEYWORDS = ["banana", "sunshine", "galaxy", "river", "pencil", "harmony", "compass", "lantern", "velvet", "meadow",
+            "anchor", "puzzle"]
+# Words the backbone's answers often use, so that forbidding them changes something.
+FORBIDDEN = ["very", "really", "also", "many", "important", "because", "different", "people", "known", "often", "help",
+             "world"]
+LETTERS = "bcdfghklmnprstwz"
+
+PERSONAS = {
+    "first": ["I live in Ohio and work as a nurse.", "I have two cats.", "My favourite season is autumn.",
+              "I'm studying economics.", "I work night shifts.", "I like hiking on weekends.", "I'm a retired teacher.",
+              "I play the violin.", "I'm learning to cook.", "I commute by bike.", "I have a toddler at home.",
+              "I'm vegetarian.", "I run a small bakery.", "English is my second language."],
+    "third": ["Lives in Ohio, works as a nurse.", "Has two cats.", "Favourite season: autumn.", "Studies economics.",
+              "Works night shifts.", "Enjoys weekend hikes.", "Retired teacher.", "Plays the violin.",
+              "Software engineer in Berlin.", "Has a toddler.", "Vegetarian.", "Runs a small bakery."],
+    "fr": ["J'habite à Lyon.", "Je suis infirmière.", "J'ai deux chats.", "J'aime la randonnée.", "Je suis étudiant."],
+    "de": ["Ich wohne in Hamburg.", "Ich bin Lehrerin.", "Ich habe zwei Katzen.", "Ich fahre gern Rad.",
+           "Ich studiere Informatik."],
+    "es": ["Vivo en Sevilla.", "Soy enfermera.", "Tengo dos gatos.", "Me gusta el senderismo.", "Estudio economía."],
+}
 
 
-@dataclass
-class Preference:
-    kind: str
-    param: object = None
-
-    def check(self) -> dict:
-        kind, p = self.kind, self.param
-        ids = {
-            "lowercase": ("change_case:english_lowercase", {}),
-            "capital": ("change_case:english_capital", {}),
-            "end_phrase": ("startend:end_checker", {"end_phrase": p}),
-            "quotation": ("startend:quotation", {}),
-            "keywords": ("keywords:existence", {"keywords": p}),
-            "no_comma": ("punctuation:no_comma", {}),
-            "postscript": ("detectable_content:postscript", {"postscript_marker": p}),
-            "title": ("detectable_format:title", {}),
-            "short": ("length_constraints:number_words", {"relation": "less than", "num_words": p}),
-        }[kind]
-        return {"instruction_id": ids[0], "kwargs": ids[1]}
-
-    def text_param(self) -> str:
-        if self.kind == "keywords":
-            return " and ".join(f"\"{k}\"" for k in self.param)
-        return "" if self.param is None else str(self.param)
+def _quoted(words: list[str], lang: str) -> str:
+    return f" {AND[lang]} ".join(f'"{w}"' for w in words)
 
 
-def _sample_preference(kind: str, rng: random.Random) -> Preference:
-    param = {
-        "end_phrase": lambda: rng.choice(END_PHRASES),
-        "keywords": lambda: rng.sample(KEYWORDS, rng.choice([1, 2])),
-        "postscript": lambda: rng.choice(["P.S.", "P.P.S"]),
-        "short": lambda: rng.choice(WORD_LIMITS),
-    }.get(kind, lambda: None)()
-    return Preference(kind, param)
+@dataclass(frozen=True)
+class Kind:
+    """A standing preference: its IFEval check, how its kwargs are drawn, how they fill a phrasing's placeholders."""
+
+    instruction_id: str
+    sample: Callable[[random.Random], dict] = lambda rng: {}
+    fill: Callable[[dict, str], dict] = lambda kw, lang: {}
+
+    def relation(self) -> dict:
+        """The kwargs every preference of this kind has in common (its relation: "less than", "at least")."""
+        return {k: v for k, v in self.sample(random.Random(0)).items() if k.endswith("relation")}
 
 
-def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool) -> dict:
-    kinds = list(PHRASINGS)
+KINDS: dict[str, Kind] = {
+    "language": Kind("language:response_language", lambda r: {"language": r.choice(LANGUAGES)},
+                     lambda kw, lang: {"language": LANGUAGE_NAMES[lang][kw["language"]]}),
+    "lowercase": Kind("change_case:english_lowercase"),
+    "capital": Kind("change_case:english_capital"),
+    "capital_words": Kind("change_case:capital_word_frequency",
+                          lambda r: {"capital_relation": "at least", "capital_frequency": r.choice([2, 3, 4])},
+                          lambda kw, lang: {"x": kw["capital_frequency"]}),
+    "no_comma": Kind("punctuation:no_comma"),
+    "short": Kind("length_constraints:number_words", lambda r: {"relation": "less than", "num_words": r.choice([20, 30, 40])},
+                  lambda kw, lang: {"x": kw["num_words"]}),
+    "sentences": Kind("length_constraints:number_sentences",
+                      lambda r: {"relation": "less than", "num_sentences": r.choice([2, 3, 4])},
+                      lambda kw, lang: {"x": kw["num_sentences"]}),
+    "paragraphs": Kind("length_constraints:number_paragraphs", lambda r: {"num_paragraphs": r.choice([2, 3])},
+                       lambda kw, lang: {"x": kw["num_paragraphs"]}),
+    "title": Kind("detectable_format:title"),
+    "bullets": Kind("detectable_format:number_bullet_lists", lambda r: {"num_bullets": r.choice([2, 3, 4])},
+                    lambda kw, lang: {"x": kw["num_bullets"]}),
+    "highlights": Kind("detectable_format:number_highlighted_sections", lambda r: {"num_highlights": r.choice([1, 2, 3])},
+                       lambda kw, lang: {"x": kw["num_highlights"]}),
+    "sections": Kind("detectable_format:multiple_sections",
+                     lambda r: {"section_spliter": "Section", "num_sections": r.choice([2, 3])},
+                     lambda kw, lang: {"x": kw["num_sections"]}),
+    "json": Kind("detectable_format:json_format"),
+    "postscript": Kind("detectable_content:postscript", lambda r: {"postscript_marker": r.choice(["P.S.", "P.P.S"])},
+                       lambda kw, lang: {"x": kw["postscript_marker"]}),
+    "end_phrase": Kind("startend:end_checker", lambda r: {"end_phrase": r.choice(END_PHRASES)},
+                       lambda kw, lang: {"x": kw["end_phrase"]}),
+    "quotation": Kind("startend:quotation"),
+    "keywords": Kind("keywords:existence", lambda r: {"keywords": r.sample(KEYWORDS, r.choice([1, 2]))},
+                     lambda kw, lang: {"x": _quoted(kw["keywords"], lang)}),
+    "keyword_frequency": Kind("keywords:frequency",
+                              lambda r: {"keyword": r.choice(KEYWORDS), "frequency": r.choice([2, 3]), "relation": "at least"},
+                              lambda kw, lang: {"x": kw["keyword"], "n": kw["frequency"]}),
+    "forbidden": Kind("keywords:forbidden_words", lambda r: {"forbidden_words": r.sample(FORBIDDEN, r.choice([1, 2]))},
+                      lambda kw, lang: {"x": _quoted(kw["forbidden_words"], lang)}),
+    "placeholders": Kind("detectable_content:number_placeholders", lambda r: {"num_placeholders": r.choice([1, 2, 3])},
+                         lambda kw, lang: {"x": kw["num_placeholders"]}),
+    # held out of training altogether: zero-shot kinds
+    "letter_frequency": Kind("keywords:letter_frequency",
+                             lambda r: {"letter": r.choice(LETTERS), "let_frequency": r.choice([3, 5]), "let_relation": "at least"},
+                             lambda kw, lang: {"x": kw["letter"], "n": kw["let_frequency"]}),
+    "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice([40, 50])},
+                 lambda kw, lang: {"x": kw["num_words"]}),
+}
+ZERO_SHOT = ("letter_frequency", "long")
+TRAINED = tuple(k for k in KINDS if k not in ZERO_SHOT)
+#: Preferences that cannot hold together (or that IFEval's checkers cannot both pass).
+CONFLICTS = [frozenset(c) for c in (
+    {"lowercase", "capital"}, {"lowercase", "capital_words"}, {"language", "lowercase"}, {"language", "capital"},
+    {"lowercase", "sections"}, {"capital", "sections"}, {"short", "long"}, {"bullets", "paragraphs"},
+    {"bullets", "sections"}, {"paragraphs", "sections"}, {"bullets", "highlights"}, {"json", "quotation"},
+    *({"json", k} for k in ("title", "bullets", "sections", "paragraphs", "postscript", "end_phrase", "highlights")),
+)]
+
+
+@functools.cache
+def phrasings(kind: str) -> dict[str, list[str]]:
+    return yaml.safe_load((PHRASINGS_DIR / f"{kind}.yaml").read_text())
+
+
+def compatible(kinds: list[str]) -> bool:
+    return not any(c <= set(kinds) for c in CONFLICTS)
+
+
+def with_typo(text: str, rng: random.Random) -> str:
+    """Two neighbouring letters swapped in one longer word outside any placeholder."""
+    words = [m for m in re.finditer(r"(?<![{\w])[A-Za-z]{6,}(?![\w}])", text)]
+    if not words:
+        return text
+    m = rng.choice(words)
+    i = m.start() + rng.randrange(1, len(m.group()) - 2)
+    return text[:i] + text[i + 1] + text[i] + text[i + 2:]
+
+
+def phrase(kind: str, kwargs: dict, style: str, rng: random.Random, held_out: bool, typo_rate: float = 0.0) -> str:
+    """One phrasing of a preference in `style`: the style's held-out (last) variant, or one of the others."""
+    table = phrasings(kind)
+    variants = table[style] if len(table.get(style) or []) >= 2 else table["first"]  # a kind no negation fits
+    template = variants[-1] if held_out else rng.choice(variants[:-1])
+    if rng.random() < typo_rate:
+        template = with_typo(template, rng)
+    lang = style if style in AND else "en"
+    return template.format(**{k: str(v) for k, v in KINDS[kind].fill(kwargs, lang).items()})
+
+
+def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: tuple[str, ...] = TRAINED,
+              include: tuple[str, ...] = (), typo_rate: float = 0.1) -> dict:
+    """A user with one to three compatible preferences drawn from `kinds`, one of them from `include` if given."""
     while True:
-        chosen = rng.sample(kinds, rng.choice([1, 2, 2, 3]))
-        if not any(c <= set(chosen) for c in CONFLICTS):
+        first = [rng.choice(include)] if include else []
+        rest = [k for k in kinds if k not in first]
+        chosen = first + rng.sample(rest, rng.choice([1, 2, 2, 3]) - len(first))
+        if compatible(chosen):
             break
-    prefs = [_sample_preference(k, rng) for k in chosen]
-    style = rng.choice(STYLES)
-    fragments = []
-    for p in prefs:
-        variants = PHRASINGS[p.kind][style]
-        pick = variants[-1] if held_out_phrasing else rng.choice(variants[:-1])
-        fragments.append(pick.replace("{x}", p.text_param()))
-    personas = PERSONAS_THIRD if style in ("third", "terse") else PERSONAS
-    extra = rng.sample(personas, rng.choice([0, 0, 1, 2]))
-    parts = fragments + extra
+    voice = rng.choice(list(VOICES))
+    checks, fragments = [], []
+    for kind in chosen:
+        kwargs = KINDS[kind].sample(rng)
+        checks.append({"instruction_id": KINDS[kind].instruction_id, "kwargs": kwargs})
+        fragments.append(phrase(kind, kwargs, rng.choice(VOICES[voice]), rng, held_out_phrasing, typo_rate))
+    facts = PERSONAS["third" if voice in ("third", "terse") else voice if voice in PERSONAS else "first"]
+    parts = fragments + rng.sample(facts, rng.choice([0, 0, 1, 2, 3]))
     rng.shuffle(parts)
-    joiner = "; " if style == "terse" else " "
-    return {"user": user_id, "summary": joiner.join(parts), "checks": [p.check() for p in prefs],
-            "style": style, "held_out_phrasing": held_out_phrasing}
+    joiner = rng.choice(["; ", "\n- ", " "]) if voice == "terse" else " "
+    summary = ("- " if joiner == "\n- " else "") + joiner.join(parts)
+    return {"user": user_id, "summary": summary, "checks": checks, "kinds": chosen, "style": voice,
+            "held_out_phrasing": held_out_phrasing}
 
 
-def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool) -> list[dict]:
+def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool, kinds: tuple[str, ...] = TRAINED,
+               include: tuple[str, ...] = (), typo_rate: float = 0.1) -> list[dict]:
     rng = random.Random(seed)
-    return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing) for i in range(n)]
+    return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing, kinds, include, typo_rate) for i in range(n)]
+
+
+def kind_of(check: dict) -> str | None:
+    """The kind of `KINDS` a check belongs to (None for one that is none of them)."""
+    kwargs = check.get("kwargs") or {}
+    return next((name for name, kind in KINDS.items() if kind.instruction_id == check["instruction_id"]
+                 and all(kwargs.get(k) == v for k, v in kind.relation().items())), None)
+
+
+def ifeval_users(split: str, n: int, seed: int) -> list[dict]:
+    """Users whose summaries are one to three instruction sentences people wrote for IFEval's prompts, from one
+    split of its keys (`ifeval_phrasings.split_of`): phrasings this project's templates never produced. Responses in
+    a language the backbone cannot write are left out, as are kinds held out of training when `split` is "train"."""
+    from .ifeval_phrasings import ifeval_sentences
+
+    pool = [s for s in ifeval_sentences(split) if (kind := kind_of(s)) is not None
+            and (split != "train" or kind in TRAINED)
+            and s["kwargs"].get("language", LANGUAGES[0]) in LANGUAGES]
+    rng = random.Random(seed)
+    users = []
+    while len(users) < n:
+        picked = rng.sample(pool, rng.choice([1, 2, 2, 3]))
+        kinds = [kind_of(s) for s in picked]
+        if len(set(kinds)) < len(kinds) or len({s["key"] for s in picked}) < len(picked) or not compatible(kinds):
+            continue
+        facts = rng.sample(PERSONAS["first"], rng.choice([0, 1, 2]))
+        parts = [s["sentence"] for s in picked] + facts
+        rng.shuffle(parts)
+        users.append({"user": f"ifeval-{split}-{len(users):04d}", "summary": " ".join(parts), "kinds": kinds,
+                      "checks": [{"instruction_id": s["instruction_id"], "kwargs": s["kwargs"]} for s in picked],
+                      "style": "ifeval", "held_out_phrasing": split == "eval"})
+    return users

@@ -3,36 +3,66 @@ import re
 
 from train_aux.checks import CHECK_IDS, check_all
 from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_texts, whole_sentences
-from train_aux.users import PHRASINGS, make_users
+from train_aux.users import KINDS, STYLES, TRAINED, ZERO_SHOT, compatible, kind_of, make_users, phrasings
 
 ANSWER = ("The ocean is a vast body of salt water that covers most of the Earth, and it is home to countless "
           "creatures. It shapes weather and climate. People depend on it for food, trade, and recreation.")
+LONG = ANSWER + (" Many different animals live very deep below the waves. Scientists have explored only a small part of it. "
+                 "Protecting the ocean really matters for the whole world.")
+
+
+def test_every_kind_has_at_least_thirty_phrasings_with_its_placeholders():
+    for name, kind in KINDS.items():
+        table = phrasings(name)
+        assert set(table) == set(STYLES), name
+        assert sum(len(v) for v in table.values()) >= 30, name
+        fields = set(kind.fill(kind.sample(random.Random(0)), "en"))
+        for variants in table.values():
+            for v in variants:
+                assert set(re.findall(r"{(\w+)}", v)) == fields, (name, v)
 
 
 def test_users_have_valid_compatible_checks():
-    for u in make_users(300, 0, "t", held_out_phrasing=False):
+    for u in make_users(500, 0, "t", held_out_phrasing=False):
         ids = [c["instruction_id"] for c in u["checks"]]
         assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids) and set(ids) <= set(CHECK_IDS)
-        assert not {"change_case:english_lowercase", "change_case:english_capital"} <= set(ids)
-        assert u["summary"].strip()
+        assert compatible(u["kinds"]) and [kind_of(c) for c in u["checks"]] == u["kinds"]
+        assert not set(u["kinds"]) & set(ZERO_SHOT)
+        assert u["summary"].strip() and "{" not in u["summary"]
+    zero = make_users(50, 2, "z", held_out_phrasing=True, kinds=TRAINED + ZERO_SHOT, include=ZERO_SHOT)
+    assert all(set(u["kinds"]) & set(ZERO_SHOT) for u in zero)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(".{1,60}?".join(re.escape(part) for part in re.split(r"{\w+}", template)), re.IGNORECASE)
 
 
 def test_held_out_phrasings_never_reach_training_users():
-    held_out = [re.compile(".{1,40}?".join(re.escape(part) for part in v[-1].split("{x}")))
-                for styles in PHRASINGS.values() for v in styles.values()]
+    held_out = {k: [_pattern(v[-1]) for v in phrasings(k).values()] for k in KINDS}
     train = make_users(600, 0, "train", held_out_phrasing=False)
-    evaluation = make_users(80, 1, "eval", held_out_phrasing=True)
-    assert not any(h.search(u["summary"]) for u in train for h in held_out)
-    assert all(any(h.search(u["summary"]) for h in held_out) for u in evaluation)
+    evaluation = make_users(80, 1, "eval", held_out_phrasing=True, typo_rate=0.0)
+    assert not any(h.search(u["summary"]) for u in train for k in u["kinds"] for h in held_out[k])
+    assert all(any(h.search(u["summary"]) for h in held_out[k]) for u in evaluation for k in u["kinds"])
     assert not {u["summary"] for u in train} & {u["summary"] for u in evaluation}
+
+
+def test_every_trained_kind_but_the_language_has_an_edit():
+    rng = random.Random(0)
+    for name in TRAINED:
+        if name == "language":  # written by sampling the backbone, not by an edit
+            continue
+        for _ in range(5):
+            checks = [{"instruction_id": KINDS[name].instruction_id, "kwargs": KINDS[name].sample(rng)}]
+            edited = edit_answer(LONG, "Tell me about the ocean.", checks, rng)
+            assert edited is not None and all(check_all(edited, checks)), (name, checks)
 
 
 def test_edits_satisfy_every_check_and_stay_close_to_the_answer():
     rng = random.Random(0)
-    users = make_users(200, 3, "t", held_out_phrasing=False)
-    edited = [(u, edit_answer(ANSWER, "Tell me about the ocean.", u["checks"], rng)) for u in users]
+    users = [u for u in make_users(300, 3, "t", held_out_phrasing=False) if "language" not in u["kinds"]]
+    edited = [(u, edit_answer(LONG, "Tell me about the ocean.", u["checks"], rng)) for u in users]
     ok = [(u, t) for u, t in edited if t is not None]
-    assert len(ok) >= 0.9 * len(users)
+    assert len(ok) >= 0.8 * len(users)
     for u, t in ok:
         assert all(check_all(t, u["checks"]))
         assert "ocean" in t.lower()  # the backbone's own answer is still there
