@@ -73,10 +73,11 @@ def _instructions() -> types.ModuleType:
 
 
 def check(response: str, instruction_id: str, kwargs: dict | None = None) -> bool:
-    """Whether `response` follows the instruction, exactly as IFEval's strict checker decides."""
-    if instruction_id not in CHECK_IDS:
-        raise ValueError(f"unknown check {instruction_id!r}; known: {', '.join(CHECK_IDS)}")
-    checker = _instructions().INSTRUCTION_DICT[instruction_id](instruction_id)
+    """Whether `response` follows the instruction (any of IFEval's), exactly as IFEval's strict checker decides."""
+    registry = _instructions().INSTRUCTION_DICT
+    if instruction_id not in registry:
+        raise ValueError(f"unknown check {instruction_id!r}; users' preferences use: {', '.join(CHECK_IDS)}")
+    checker = registry[instruction_id](instruction_id)
     random.seed(0)  # some checkers pick random defaults in build_description
     checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
     return bool(response.strip()) and bool(checker.check_following(response))

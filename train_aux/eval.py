@@ -29,7 +29,9 @@ from softthought.splice import Prompt, build_chat_prompt, hide, hiding_mask, lef
 
 from .checks import check_all
 from .data import read_jsonl, summary_before
+from .ifeval_phrasings import split_of
 from .paths import shared_data
+from .users import compatible, kind_of
 
 CONDITIONS = ("none", "text", "soft")
 #: Bumped when a personalization result gains fields the report needs (2: per-pair outcomes, paired margins).
@@ -118,6 +120,65 @@ def paired_checks(a: list[list[bool]], b: list[list[bool]], pairs: list[list[str
     every, every_se = ratio(sums[:, 2], sums[:, 3])
     return {"check_pass_rate": check, "check_pass_rate_se": check_se, "all_pass_rate": every, "all_pass_rate_se": every_se,
             "n_checks": int(sums[:, 1].sum()), "n_users": len(users)}
+
+
+# ------------------------------------------------------------------------------------------ instruction following
+#: Kinds that only add to a reply (a word, a placeholder, emphasis, no commas): the only ones a user may hold for an
+#: IFEval prompt whose own instructions are none of ours (repeat the request, two responses, a fixed answer, ...).
+ADDITIVE = {"keywords", "keyword_frequency", "forbidden", "no_comma", "capital_words", "placeholders", "highlights"}
+
+
+def ifeval_items(split: str = "eval") -> list[dict]:
+    """IFEval's rows of one split of its keys (`ifeval_phrasings.split_of`): "eval" is the half that never feeds training."""
+    rows = [json.loads(line) for line in (shared_data() / "ifeval" / "input_data.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if split_of(r["key"]) == split]
+
+
+def fits(user: dict, item: dict) -> bool:
+    """Whether a user's preferences leave an IFEval prompt's own instructions satisfiable: none of the same
+    instruction, none that conflicts with them, no response language or whole-reply form (JSON, quotation marks) of
+    their own, and only additive preferences beside instructions that are none of ours."""
+    checks = [{"instruction_id": i, "kwargs": k} for i, k in zip(item["instruction_id_list"], item["kwargs"])]
+    kinds = [kind_of(c) for c in checks]
+    own = {c["instruction_id"] for c in user["checks"]}
+    return (not own & set(item["instruction_id_list"]) and not {"language", "json", "quotation"} & set(user["kinds"])
+            and compatible([k for k in kinds if k] + user["kinds"]) and (all(kinds) or set(user["kinds"]) <= ADDITIVE))
+
+
+def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[dict], n: int, max_new_tokens: int,
+                          seed: int, batch: int = 16) -> dict:
+    """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
+    same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
+    preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only."""
+    rng = random.Random(seed)
+    items = ifeval_items("eval")
+    rng.shuffle(items)
+    pairs = []
+    for item in items:
+        fitting = [u for u in users if fits(u, item)]
+        if fitting:
+            pairs.append((item, rng.choice(fitting)))
+    pairs = pairs[:n]
+    tok = backbone.tokenizer
+    engine = Engine(backbone, max_batch_size=batch)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    thoughts = dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
+    report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval",
+                    "pairs": [[item["key"], u["user"]] for item, u in pairs]}
+    for cond in ("none", "soft"):
+        built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
+                                   thoughts[u["user"]] if cond == "soft" else None, reply_only=aux.reply_only)
+                 for item, u in pairs]
+        print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
+        outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
+                                       zip(item["instruction_id_list"], item["kwargs"])])
+                    for (item, _), r in zip(pairs, engine.generate(built, params))]
+        prompt_level = [int(all(o)) for o in outcomes]
+        n_instructions = sum(map(len, outcomes))
+        report[cond] = {"prompt_level_strict": sum(prompt_level) / len(pairs),
+                        "instruction_level_strict": sum(map(sum, outcomes)) / n_instructions, "passed": prompt_level}
+    report["soft_minus_none"] = _paired(report["none"]["passed"], report["soft"]["passed"])
+    return report
 
 
 # ------------------------------------------------------------------------------------------ general ability
@@ -426,11 +487,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--paired-with", metavar="JSON",
                    help="an earlier `general` result on the same items (e.g. train_aux/results/general.json): this "
                         "backbone's plain scores are paired against its plain scores (for a fine-tuned copy)")
+    f = sub.add_parser("ifeval", help="IFEval prompt-level strict accuracy on its held-out half, plain against users' thoughts")
+    f.add_argument("--users", required=True, help="whose thoughts read the prompts (one fitting user per prompt)")
+    f.add_argument("--n", type=int, default=1000, help="at most this many prompts")
+    f.add_argument("--max-new-tokens", type=int, default=256)
     b = sub.add_parser("scoring-bench", help="time per-choice against shared-context scoring on the same items, in one run")
     b.add_argument("--tasks", default="arc_easy,hellaswag,piqa")
     b.add_argument("--n", type=int, default=100)
     b.add_argument("--users", required=True, help="their thoughts go before the items (round-robin)")
-    for s in (p, g, b):
+    for s in (p, g, f, b):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
         s.add_argument("--backbone")
@@ -448,7 +513,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("no auxiliary checkpoint: pass --aux DIR or --no-aux")
         aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).eval()
     users = read_jsonl(args.users)
-    if args.command == "scoring-bench":
+    if args.command == "ifeval":
+        if aux is None:
+            ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
+        report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed)
+    elif args.command == "scoring-bench":
         report = scoring_bench(backbone, aux, users, args.tasks.split(","), args.n, args.seed)
     elif args.command == "personalization":
         conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
@@ -476,9 +545,13 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     # the summary leaves out the per-item scores: they are for the JSON file, not the terminal
-    summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate")} if k in CONDITIONS else
-                   {name: x for name, x in v.items() if name != "plain_loglik"})
-               for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
+    if args.command == "ifeval":
+        summary = {k: report[k] for k in ("n", "soft_minus_none")} | {
+            c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")} for c in ("none", "soft")}
+    else:
+        summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate")} if k in CONDITIONS else
+                       {name: x for name, x in v.items() if name != "plain_loglik"})
+                   for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
     print(json.dumps(summary, indent=2))
 
 

@@ -234,3 +234,40 @@ def test_shared_context_refuses_rows_past_a_sliding_window(sliding):
     items = [{"context": "a long context that runs past eight positions for sure", "choices": [" yes", " no"], "gold": 0}]
     with pytest.raises(ValueError, match="sliding window"):
         score_task(windowed, items, [None], "test", shared_context=True)
+
+
+def _user(*kinds):
+    from train_aux.users import KINDS
+
+    rng = random.Random(0)
+    return {"user": "-".join(kinds), "kinds": list(kinds), "summary": " and ".join(kinds),
+            "checks": [{"instruction_id": KINDS[k].instruction_id, "kwargs": KINDS[k].sample(rng)} for k in kinds]}
+
+
+def test_a_user_fits_an_ifeval_prompt_only_where_both_can_hold():
+    from train_aux.eval import fits
+
+    caps = {"instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]}
+    repeat = {"instruction_id_list": ["combination:repeat_prompt"], "kwargs": [{"prompt_to_repeat": "x"}]}
+    assert fits(_user("title", "no_comma"), caps)
+    assert not fits(_user("lowercase"), caps)  # a conflicting preference
+    assert not fits(_user("capital"), caps)  # the same instruction, maybe with other kwargs
+    assert not fits(_user("json"), caps) and not fits(_user("language"), caps)  # they take over the whole reply
+    assert fits(_user("keywords", "placeholders"), repeat) and not fits(_user("title"), repeat)
+
+
+def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny, tmp_path):
+    from train_aux.eval import fits, ifeval_items, instruction_following
+
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    users = [_user("no_comma"), _user("title", "keywords"), _user("placeholders")]
+    report = instruction_following(tiny, aux, users, n=6, max_new_tokens=6, seed=0)
+    assert report["n"] == 6 == len(report["pairs"])
+    by_user = {u["user"]: u for u in users}
+    items = {item["key"]: item for item in ifeval_items("eval")}
+    assert all(fits(by_user[user], items[key]) for key, user in report["pairs"])  # held-out keys, fitting users only
+    for cond in ("none", "soft"):
+        assert report[cond]["prompt_level_strict"] == sum(report[cond]["passed"]) / 6
+    diff = sum(report["soft"]["passed"]) - sum(report["none"]["passed"])
+    assert report["soft_minus_none"]["diff"] == pytest.approx(100 * diff / 6)
