@@ -115,7 +115,6 @@ class Examples:
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = ()) -> None:
         self.answers = answers
-        self.plain = {a["prompt"]: a["answer"] for a in answers}
         self.by_language: dict[str, list[dict]] = {}
         for row in language_answers:
             self.by_language.setdefault(row["language"], []).append(row)
@@ -129,9 +128,9 @@ class Examples:
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng)
             if target is not None:
-                # an answer in another language is all preference: compared with the plain answer, all of it is edited
-                return Example(user["summary"], row["prompt"], target, self.plain[row["prompt"]],
-                               [c["instruction_id"] for c in user["checks"]])
+                # an answer in another language is weighed against itself: were all of it counted as edited (against
+                # the plain answer), these few users' whole replies outweighed every other preference's edits
+                return Example(user["summary"], row["prompt"], target, row["answer"], [c["instruction_id"] for c in user["checks"]])
 
 
 def _language(user: dict) -> str | None:
