@@ -104,7 +104,9 @@ def _truncate_words(text: str, limit: int) -> str:
 
 
 def _sentences(text: str) -> list[str]:
-    return [t.strip() for t in re.split(r"(?<=[.!?])\s+", text.strip()) if t.strip()]
+    text = text.strip()
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return [piece.strip() for a, b in zip([0, *ends], [*ends, len(text)]) if (piece := text[a:b]).strip()]
 
 
 def _groups(sentences: list[str], n: int) -> list[str] | None:

@@ -94,9 +94,10 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
 def data_hash(data: Path) -> str:
     """The training data's identity: its users and the backbone's answers."""
     h = hashlib.sha256()
-    for name in ("train_users.jsonl", "answers.jsonl", "language_answers.jsonl"):
-        if (data / name).exists() or name != "language_answers.jsonl":  # older data sets have no answers in other languages
-            h.update((data / name).read_bytes())
+    for name in ("train_users.jsonl", "answers.jsonl"):
+        h.update((data / name).read_bytes())
+    if (data / "language_answers.jsonl").exists():  # older data sets have no answers in other languages
+        h.update((data / "language_answers.jsonl").read_bytes())
     return h.hexdigest()[:16]
 
 
