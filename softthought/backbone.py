@@ -171,6 +171,12 @@ def load_backbone(
     )
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` decodes to: a text longer than N times this is surely more than N
+    tokens, which bounds a prompt's length before it is tokenized."""
+    return max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
+
+
 def _eos_ids(model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -9,24 +9,72 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant"]
+#: One rule for a user id wherever it appears (the `user` field, the preference routes' path).
+USER_ID_MAX = 256
+UserId = Annotated[str, StringConstraints(max_length=USER_ID_MAX, pattern=r"^[^\x00-\x1f\x7f]*$")]
+#: How deep a request body's JSON may nest: OpenAI's requests need 5 levels, so 32 refuses only abuse.
+MAX_JSON_DEPTH = 32
 
 
 class APIError(Exception):
     """An error to return to the client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def check_user_id(user: str, param: str = "user") -> None:
+    """The same rule as the `user` field's, for a user id that comes in a path."""
+    if not 1 <= len(user) <= USER_ID_MAX or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
+        raise APIError(400, f"A user id must be 1 to {USER_ID_MAX} characters long, without control characters.",
+                       param=param, code="invalid_value")
+
+
+def check_json_tree(data: Any) -> None:
+    """Refuse what JSON allows but a request never needs: nesting deeper than MAX_JSON_DEPTH, and strings that are
+    not Unicode (a lone surrogate such as "\\ud800", which no tokenizer or database can encode). Iterative, so a
+    hostile depth cannot exhaust the stack."""
+    stack = [(data, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
+        if isinstance(value, str) and not _is_unicode(value):
+            raise _not_unicode(path)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_unicode(key):  # named by where it sits: the key itself cannot be written back
+                    raise _not_unicode(path)
+                stack.append((item, (*path, key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i), depth + 1) for i, item in enumerate(value))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _not_unicode(path: tuple) -> APIError:
+    param = ".".join(map(str, path)) or None
+    where = f"'{param}'" if param else "the request body"
+    return APIError(400, f"Invalid value in {where}: a string is not valid Unicode (a lone surrogate).", param=param,
+                    code="invalid_value")
 
 
 class _Strict(BaseModel):
@@ -48,28 +96,29 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingRequest(_Strict):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    # integers and booleans as strictly as OpenAI's API takes them: "8" is no integer, "yes" no boolean
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a signed 64-bit integer
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
-    user: str | None = Field(default=None, max_length=256)
-    stream: bool = False
+    n: StrictInt = Field(default=1, ge=1)
+    user: UserId | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # softthought extension: a preference summary for this request only (overrides the stored one)
     preference_summary: str | None = None
     # vLLM's extension: keep generating past end-of-sequence up to max_tokens (benchmarks use it for equal work)
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     # accepted at their no-op values only
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | None = None
+    presence_penalty: float = Field(default=0.0, strict=True)
+    frequency_penalty: float = Field(default=0.0, strict=True)
+    logprobs: StrictBool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -102,7 +151,7 @@ class _SamplingRequest(_Strict):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: dict | None = None
 
     @field_validator("response_format")
@@ -123,7 +172,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
-    echo: bool = False
+    echo: StrictBool = False
 
     @field_validator("prompt")
     @classmethod

@@ -1,4 +1,5 @@
-"""Preference summaries per user in SQLite (WAL), versioned: every update bumps the user's version."""
+"""Preference summaries per user in SQLite (WAL), versioned: every update bumps the user's version, and a version
+is never given twice to one user id, deletes included (so `preference_version` names one summary)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ CREATE TABLE IF NOT EXISTS preferences (
     summary TEXT NOT NULL,
     version INTEGER NOT NULL,
     updated_at REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS retired_versions (
+    user TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+);
 """
 
 
@@ -38,7 +43,7 @@ class PreferenceStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+            db.executescript(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -53,10 +58,11 @@ class PreferenceStore:
         now = time.time()
         with self._connect() as db:
             row = db.execute(
-                "INSERT INTO preferences (user, summary, version, updated_at) VALUES (?, ?, 1, ?) "
+                "INSERT INTO preferences (user, summary, version, updated_at) VALUES "
+                "(?, ?, 1 + COALESCE((SELECT version FROM retired_versions WHERE user = ?), 0), ?) "
                 "ON CONFLICT(user) DO UPDATE SET summary = excluded.summary, version = version + 1, "
                 "updated_at = excluded.updated_at RETURNING version",
-                (user, summary, now),
+                (user, summary, user, now),
             ).fetchone()
         return Preference(user, summary, row[0], now)
 
@@ -69,4 +75,13 @@ class PreferenceStore:
 
     def delete(self, user: str) -> bool:
         with self._connect() as db:
-            return db.execute("DELETE FROM preferences WHERE user = ?", (user,)).rowcount > 0
+            db.execute("BEGIN IMMEDIATE")
+            try:  # the deleted version is remembered, so that the user's next summary gets a later one
+                db.execute("INSERT INTO retired_versions (user, version) SELECT user, version FROM preferences "
+                           "WHERE user = ? ON CONFLICT(user) DO UPDATE SET version = excluded.version", (user,))
+                deleted = db.execute("DELETE FROM preferences WHERE user = ?", (user,)).rowcount > 0
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return deleted

@@ -38,3 +38,13 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     [t.join() for t in threads]
     assert store.get("carol").version == 80
     assert all(store.get(f"user-{i}").version == 20 for i in range(4))
+
+
+def test_a_version_is_never_given_twice_to_a_user_deletes_included(tmp_path):
+    store = PreferenceStore(tmp_path / "p.db")
+    assert [store.put("u", s).version for s in ("a", "b")] == [1, 2]
+    assert store.delete("u") and store.get("u") is None
+    assert store.put("u", "c").version == 3  # not 1 again: version 1 already named "a"
+    assert store.delete("u") and not store.delete("u")
+    assert PreferenceStore(tmp_path / "p.db").put("u", "d").version == 4  # remembered across reopening
+    assert store.put("other", "x").version == 1

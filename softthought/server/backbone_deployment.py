@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from ..backbone import load_backbone
+from ..backbone import load_backbone, longest_token_chars
 from ..generation import Engine, SamplingParams
 from ..splice import PromptError, build_chat_prompt, build_text_prompt
 
@@ -59,6 +59,7 @@ class BackboneDeployment:
             "fingerprint": self.backbone.fingerprint,
             "hidden_size": self.backbone.hidden_size,
             "max_context": self.backbone.max_context,
+            "max_token_chars": self.max_token_chars,
             "dtype": str(self.backbone.dtype).removeprefix("torch."),
             "device": str(self.backbone.device),
         }
@@ -75,10 +76,11 @@ class BackboneDeployment:
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
             tok = self.backbone.tokenizer
             reply_only = request.get("reply_only", False)
+            # tokenized off the event loop: a long prompt must not hold up every other request's stream
             if request["kind"] == "chat":
-                prompt = build_chat_prompt(tok, request["messages"], thoughts, reply_only=reply_only)
+                prompt = await asyncio.to_thread(build_chat_prompt, tok, request["messages"], thoughts, reply_only=reply_only)
             else:
-                prompt = build_text_prompt(tok, request["prompt"], thoughts, reply_only=reply_only)
+                prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, reply_only=reply_only)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
             params = SamplingParams(**request["params"])
@@ -120,6 +122,7 @@ class BackboneDeployment:
         torch.set_num_threads(self._threads)
         try:
             self.backbone = load_backbone(backbone, dtype=dtype, device=device)
+            self.max_token_chars = longest_token_chars(self.backbone.tokenizer)
             self.engine = Engine(self.backbone, max_batch_size=max_batch_size)
         except BaseException as exc:  # the constructor re-raises it, so Serve reports the replica as failed
             loaded.set_exception(exc)

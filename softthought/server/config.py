@@ -31,6 +31,7 @@ class ServerConfig(BaseModel):
     max_n: int = Field(4, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_summary_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413 before they are read")
     request_timeout_s: float = Field(120.0, gt=0)
     max_batch_size: int = Field(16, ge=1)
     thought_cache_size: int = Field(4096, ge=0)

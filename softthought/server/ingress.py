@@ -13,7 +13,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import protocol as oai
 from ..aux_model import CheckpointError
@@ -31,13 +34,21 @@ app = FastAPI(title="softthought", description="OpenAI-compatible server with pe
 # ------------------------------------------------------------------------------ errors and metrics
 @app.exception_handler(oai.APIError)
 async def _api_error(_: Request, exc: oai.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(oai.APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # the router names only the first route on the path; Allow lists every one's
+        headers["Allow"] = ", ".join(m for m in _METHODS if any(
+            route.matches({**request.scope, "method": m})[0] == Match.FULL for route in request.app.routes))
+    return JSONResponse(oai.APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code,
+                        headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -47,23 +58,58 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param).body(), 400)
 
 
+def replica_failure(exc: BaseException) -> bool:
+    """Whether `exc` says that a model replica died, restarts or is overloaded: the request may be retried."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(replica_failure(e) for e in exc.exceptions)
+    return isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError | BackPressureError)
+
+
+def unavailable(exc: BaseException) -> oai.APIError:
+    """503 + Retry-After for a replica failure, logged here in full under a request id that the body names; the
+    client learns nothing of Ray's internals (actor ids, pids, addresses)."""
+    request_id = oai.new_id("req")
+    log.error("request %s: a model replica failed: %r", request_id, exc)
+    return oai.APIError(503, f"A model replica is restarting; retry shortly (request id {request_id}).",
+                        code="replica_unavailable", type="service_unavailable",
+                        headers={"Retry-After": "1", "x-request-id": request_id})
+
+
 @app.exception_handler(Exception)
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    if replica_failure(exc):
+        return await _api_error(_, unavailable(exc))
+    request_id = oai.new_id("req")
     if not is_cancellation(exc):  # a handle call cancelled because its client left is no error of ours
-        log.exception("unhandled error")
-    return JSONResponse(oai.APIError(500, "internal server error", code="internal_error").body(), status_code=500)
+        log.exception("request %s: unhandled error", request_id)
+    return JSONResponse(oai.APIError(500, f"Internal server error (request id {request_id}).",
+                                     code="internal_error").body(), status_code=500, headers={"x-request-id": request_id})
 
 
 app.add_middleware(RequestMetrics)
 
 
-async def _parse(request: Request, model: type):
+async def _parse(request: Request, model: type, max_bytes: int):
+    """The body as `model`, refused before any model work when it is too large, not JSON, nested too deeply or not
+    Unicode."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:  # refused before it is read
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body without a length is cut off at the limit too
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
     try:
-        data = json.loads(await request.body())
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise oai.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise oai.APIError(400, f"The request body nests deeper than {oai.MAX_JSON_DEPTH} levels.",
+                           code="invalid_json") from None
     if not isinstance(data, dict):
         raise oai.APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    oai.check_json_tree(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -78,6 +124,16 @@ async def _parse(request: Request, model: type):
         raise oai.APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
 
 
+def _engine_error(error: str | oai.APIError) -> oai.APIError:
+    """A generation's failure as the client sees it: the replica's loss as `_merge` judged it, or the engine's own
+    failure of a step (its message says what the engine did, never where)."""
+    return error if isinstance(error, oai.APIError) else oai.APIError(500, error, code="backbone_error")
+
+
+def _too_large(max_bytes: int) -> oai.APIError:
+    return oai.APIError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
+
+
 async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
     """Interleave several backbone streams as (choice index, item); cancel them all when abandoned."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -86,8 +142,12 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
         try:
             async for item in stream:
                 await queue.put((i, item))
-        except Exception as exc:  # a replica died mid-stream
-            await queue.put((i, {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": str(exc)}))
+        except Exception as exc:  # a replica died mid-stream: the client gets a 503 event, the log gets the rest
+            error = unavailable(exc) if replica_failure(exc) else oai.APIError(500, "The generation failed.",
+                                                                              code="backbone_error")
+            if not replica_failure(exc):
+                log.exception("generation failed")
+            await queue.put((i, {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": error}))
         finally:
             await queue.put((i, None))
 
@@ -142,6 +202,7 @@ class Ingress:
         self.stream_backbone = backbone.options(stream=True)
         self.store = PreferenceStore(self.config.store_path)
         self.api_keys = self.config.resolved_api_keys()
+        self._max_token_chars: int | None = None  # the backbone's, asked once
 
     # -------------------------------------------------------------------------- plumbing
     def _authorize(self, request: Request) -> None:
@@ -172,6 +233,17 @@ class Ingress:
             raise oai.APIError(400, f"n is {req.n}; at most {self.config.max_n} choices are allowed.", param="n",
                                code="invalid_value")
         return max_tokens
+
+    async def _check_prompt_length(self, payload: dict) -> None:
+        """Refuse a prompt that is surely over the token limit by its characters alone, before any tokenizing."""
+        if self._max_token_chars is None:
+            self._max_token_chars = (await self.backbone.info.remote())["max_token_chars"]
+        chat = payload["kind"] == "chat"
+        chars = sum(len(m["content"]) for m in payload["messages"]) if chat else len(payload["prompt"])
+        if chars > self.config.max_prompt_tokens * self._max_token_chars:
+            raise oai.APIError(400, f"The prompt is {chars} characters long, more than {self.config.max_prompt_tokens} "
+                                    "tokens can hold.", param="messages" if chat else "prompt",
+                               code="context_length_exceeded")
 
     async def _personalization(self, req) -> tuple[dict, dict]:
         """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none.
@@ -216,6 +288,7 @@ class Ingress:
     async def _run(self, req, payload: dict, chat: bool) -> Response:
         arrival = time.perf_counter()
         max_tokens = self._check_request(req)
+        await self._check_prompt_length(payload)
         personal, ext = await self._personalization(req)
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
         dispatched = time.perf_counter()
@@ -237,7 +310,7 @@ class Ingress:
                         reasons[i] = item["finish_reason"]
                         completion += item.get("completion_tokens", 0)
                         if item.get("error"):
-                            raise oai.APIError(500, item["error"], code="backbone_error")
+                            raise _engine_error(item["error"])
                         ttfts.append(item["ttft_s"])
         except TimeoutError:
             raise oai.APIError(504, f"The request did not finish within {self.config.request_timeout_s} s.",
@@ -271,7 +344,7 @@ class Ingress:
                 if item["delta"]:
                     timing.first_token(time.perf_counter())
                 if item.get("error"):
-                    yield _sse(oai.APIError(500, item["error"], code="backbone_error").body())
+                    yield _sse(_engine_error(item["error"]).body())
                     return
                 finish = item.get("finish_reason")
                 if item["delta"] or finish:
@@ -294,13 +367,13 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        req = await _parse(request, oai.ChatCompletionRequest)
+        req = await _parse(request, oai.ChatCompletionRequest, self.config.max_body_bytes)
         return await self._run(req, {"kind": "chat", "messages": req.chat_messages()}, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        req = await _parse(request, oai.CompletionRequest)
+        req = await _parse(request, oai.CompletionRequest, self.config.max_body_bytes)
         return await self._run(req, {"kind": "text", "prompt": req.prompt}, chat=False)
 
     @app.get("/v1/models")
@@ -312,13 +385,15 @@ class Ingress:
     @app.put("/v1/users/{user}/preferences")
     async def put_preferences(self, user: str, request: Request) -> dict:
         self._authorize(request)
-        body = await _parse(request, oai.PreferenceBody)
+        oai.check_user_id(user)
+        body = await _parse(request, oai.PreferenceBody, self.config.max_body_bytes)
         self._check_summary(body.summary, "summary")
         return (await asyncio.to_thread(self.store.put, user, body.summary)).to_dict()
 
     @app.get("/v1/users/{user}/preferences")
     async def get_preferences(self, user: str, request: Request) -> dict:
         self._authorize(request)
+        oai.check_user_id(user)
         pref = await asyncio.to_thread(self.store.get, user)
         if pref is None:
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
@@ -327,6 +402,7 @@ class Ingress:
     @app.delete("/v1/users/{user}/preferences")
     async def delete_preferences(self, user: str, request: Request) -> dict:
         self._authorize(request)
+        oai.check_user_id(user)
         if not await asyncio.to_thread(self.store.delete, user):
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return {"user": user, "deleted": True}
@@ -340,7 +416,7 @@ class Ingress:
     async def rollout(self, request: Request) -> dict:
         """Switch every Aux replica to a new checkpoint without downtime; a bad checkpoint changes nothing."""
         self._authorize(request)
-        body = await _parse(request, oai.RolloutBody)
+        body = await _parse(request, oai.RolloutBody, self.config.max_body_bytes)
         start = time.perf_counter()
         backbone, before = await asyncio.gather(self.backbone.info.remote(), self.aux.info.remote())
         try:

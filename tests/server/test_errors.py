@@ -37,6 +37,29 @@ CASES = [
     ("delete unknown user", "DELETE", "/v1/users/ghost/preferences", None, None, 404, "user"),
     ("preferences without summary", "PUT", "/v1/users/u/preferences", {"text": "x"}, None, 400, None),
     ("preference summary too long", "PUT", "/v1/users/u/preferences", {"summary": "y" * 600}, None, 400, "summary"),
+    # hostile input (issue 29): refused at the ingress, before any model work
+    ("lone surrogate in a message", "POST", "/v1/chat/completions",
+     b'{"model": "softthought", "messages": [{"role": "user", "content": "a\\ud800"}]}', None, 400,
+     "messages.0.content"),
+    ("lone surrogate in a completion prompt", "POST", "/v1/completions",
+     b'{"model": "softthought", "prompt": "\\udfff"}', None, 400, "prompt"),
+    ("lone surrogate in an inline summary", "POST", "/v1/chat/completions",
+     b'{"model": "softthought", "messages": [{"role": "user", "content": "hi"}], "preference_summary": "\\ud800"}',
+     None, 400, "preference_summary"),
+    ("lone surrogate in a stored summary", "PUT", "/v1/users/u/preferences", b'{"summary": "\\ud800"}', None, 400,
+     "summary"),
+    ("json nested 10000 deep", "POST", "/v1/chat/completions", b'{"model": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+     None, 400, None),
+    ("body over the size limit", "POST", "/v1/chat/completions",
+     {**OK, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, None, 413, None),
+    ("prompt far over the token limit", "POST", "/v1/chat/completions",
+     {**OK, "messages": [{"role": "user", "content": "lorem " * 150_000}]}, None, 400, "messages"),
+    ("stream as a string", "POST", "/v1/chat/completions", {**OK, "stream": "yes"}, None, 400, "stream"),
+    ("seed beyond 64 bits", "POST", "/v1/chat/completions", {**OK, "seed": 2**64}, None, 400, "seed"),
+    ("user id too long in a path", "PUT", "/v1/users/" + "u" * 10_000 + "/preferences", {"summary": "x"}, None, 400,
+     "user"),
+    ("user id too long in the user field", "POST", "/v1/chat/completions", {**OK, "user": "u" * 10_000}, None, 400,
+     "user"),
     ("unknown route", "GET", "/v1/nothing", None, None, 404, None),
     ("wrong method", "GET", "/v1/chat/completions", None, None, 405, None),
 ]
@@ -52,6 +75,33 @@ def test_bad_input(http, name, method, path, body, headers, status, param):
     assert error["message"] and error["type"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_a_405_names_the_allowed_methods(http):
+    resp = http.request("PATCH", "/v1/users/u/preferences")
+    assert resp.status_code == 405
+    assert set(resp.headers["allow"].replace(" ", "").split(",")) == {"GET", "PUT", "DELETE"}
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_long_prompt_is_refused_without_stalling_other_clients(http):
+    """A body just under the size limit, refused by its characters alone: a short chat beside it is unaffected."""
+    import concurrent.futures
+
+    huge = {**OK, "messages": [{"role": "user", "content": "lorem " * 170_000}]}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        refused = [pool.submit(http.post, "/v1/chat/completions", json=huge) for _ in range(3)]
+        short = pool.submit(http.post, "/v1/chat/completions", json=OK)
+        assert short.result().status_code == 200
+        for r in refused:
+            assert r.result().status_code == 400
+            assert r.result().json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_preference_versions_never_repeat_after_a_delete(http):
+    assert http.put("/v1/users/versions/preferences", json={"summary": "a"}).json()["version"] == 1
+    assert http.delete("/v1/users/versions/preferences").status_code == 200
+    assert http.put("/v1/users/versions/preferences", json={"summary": "b"}).json()["version"] == 2
 
 
 def test_openai_client_raises_typed_errors(client):
