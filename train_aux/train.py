@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from softthought.aux_model import SoftThoughtAux
+from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
@@ -45,6 +45,12 @@ class TrainConfig(BaseModel):
     data_dir: str = "train_aux/data"
     out: str = "runs/aux"
     num_thoughts: int = 8
+    # Thoughts mixed from the backbone's own embeddings of the summary's tokens (`AuxConfig.copy_thoughts`). With
+    # --init, a checkpoint without them grows this many fresh ones; None keeps the checkpoint's (new: none).
+    copy_thoughts: int | None = None
+    # Weight of the copy thoughts' pointer loss (`copy_loss`): thought i takes the i-th token of the strings the
+    # user asked for, and the gates open on those and stay shut elsewhere.
+    copy_weight: float = 1.0
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -108,6 +114,7 @@ class Example:
     target: str  # the backbone's own answer, edited to satisfy the user's checks
     answer: str  # that answer unedited
     check_ids: list[str]
+    copy_strings: list[str] = field(default_factory=list)  # what the user asks for word for word (`copy_strings`)
 
 
 class Examples:
@@ -131,7 +138,43 @@ class Examples:
             if target is not None:
                 # an answer in another language is weighed against itself: were all of it counted as edited (against
                 # the plain answer), these few users' whole replies outweighed every other preference's edits
-                return Example(user["summary"], row["prompt"], target, row["answer"], [c["instruction_id"] for c in user["checks"]])
+                return Example(user["summary"], row["prompt"], target, row["answer"],
+                               [c["instruction_id"] for c in user["checks"]], copy_strings(user["checks"]))
+
+
+#: The checks' arguments a reply must contain word for word: what copy thoughts should hand the backbone.
+COPIED_KWARGS = ("end_phrase", "keywords", "keyword", "postscript_marker")
+
+
+def copy_strings(checks: list[dict]) -> list[str]:
+    out = []
+    for check in checks:
+        for name in COPIED_KWARGS:
+            value = check["kwargs"].get(name)
+            out += [value] if isinstance(value, str) else list(value or [])
+    return out
+
+
+def copy_targets(summary: str, strings: list[str], offsets: list[tuple[int, int]], limit: int) -> list[int]:
+    """The positions of the backbone tokens that spell `strings` where `summary` first writes each (any case), in
+    the order the summary has them, at most `limit`; a string the summary does not spell out is left out."""
+    lowered = summary.lower()
+    spans = sorted((at, at + len(s)) for s in strings if (at := lowered.find(s.lower())) >= 0)
+    positions = [j for a, b in spans for j, (x, y) in enumerate(offsets) if x < b and a < y]
+    return list(dict.fromkeys(positions))[:limit]
+
+
+def copy_loss(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """Copy thought i of summary b should take token targets[b][i] (negative log of its attention there), and its
+    gate be open exactly when it has a target (binary cross-entropy)."""
+    gates = torch.zeros_like(gate_logits)
+    nll = []
+    for b, positions in enumerate(targets):
+        for i, pos in enumerate(positions):
+            nll.append(-(picks[b, i, pos] + 1e-6).log())
+            gates[b, i] = 1.0
+    pointer = torch.stack(nll).mean() if nll else picks.sum() * 0.0
+    return pointer + F.binary_cross_entropy_with_logits(gate_logits, gates)
 
 
 def _language(user: dict) -> str | None:
@@ -230,13 +273,21 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's and the
     preservation term on `texts`, if given)."""
     tok = backbone.tokenizer
-    thoughts = aux.encode([ex.summary for ex in batch])
+    summaries = [ex.summary for ex in batch]
+    copying = 0.0
+    if aux.config.copy_thoughts:
+        thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries)
+        targets = [copy_targets(ex.summary, ex.copy_strings, off, aux.config.copy_thoughts) for ex, off in zip(batch, offsets)]
+        copying = cfg.copy_weight * copy_loss(picks, gate_logits, targets)
+    else:
+        thoughts = aux.encode(summaries)
     reply_only = aux.reply_only
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th, reply_only=reply_only)
                for ex, th in zip(batch, thoughts)]
     loss, n_tokens = target_loss(backbone.model, backbone.model.get_input_embeddings(), tok, prompts,
                                  [ex.target for ex in batch], cfg.max_target_tokens, [ex.answer for ex in batch],
                                  cfg.edit_weight)
+    loss = loss + copying
     if probe is not None:
         labels = torch.tensor([[float(c in ex.check_ids) for c in check_ids] for ex in batch])
         loss = loss + cfg.probe_weight * F.binary_cross_entropy_with_logits(probe(thoughts.mean(1)), labels)
@@ -288,8 +339,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     elif cfg.init:
         aux = SoftThoughtAux.from_pretrained(cfg.init, backbone=backbone)
         state, offset = None, aux.config.metadata.get("steps", 0)
+        if cfg.copy_thoughts and not aux.config.copy_thoughts:
+            aux.add_copy_thoughts(cfg.copy_thoughts, CopySource.of(backbone))
     else:
-        aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts,
+        aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts, copy_thoughts=cfg.copy_thoughts or 0,
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
         state, offset = None, 0
     if cfg.thoughts_seen_by:
@@ -372,8 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
-    for name, field in TrainConfig.model_fields.items():
-        kind = next((t for t in (int, float) if t in (field.annotation, *get_args(field.annotation))), str)
+    for name, spec in TrainConfig.model_fields.items():
+        kind = next((t for t in (int, float) if t in (spec.annotation, *get_args(spec.annotation))), str)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     args = vars(ap.parse_args(argv))
     config, resume = args.pop("config"), args.pop("resume")

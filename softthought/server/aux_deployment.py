@@ -64,7 +64,8 @@ class AuxDeployment:
         return {
             "checkpoint": self.checkpoint,
             "version": m.version if m else None,
-            "num_thoughts": m.config.num_thoughts if m else None,
+            "num_thoughts": m.config.total_thoughts if m else None,  # the positions the backbone reads
+            "copy_thoughts": m.config.copy_thoughts if m else None,
             "thoughts_seen_by": m.config.thoughts_seen_by if m else None,
             "cached": len(self.cache),
             "last_error": self.last_error,

@@ -5,7 +5,17 @@ import torch
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.splice import build_text_prompt, embed_prompt, hiding_mask, left_pad
-from train_aux.train import edited_chars, load_config, preservation_loss, preservation_texts, target_loss, train
+from train_aux.train import (
+    copy_loss,
+    copy_strings,
+    copy_targets,
+    edited_chars,
+    load_config,
+    preservation_loss,
+    preservation_texts,
+    target_loss,
+    train,
+)
 
 
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
@@ -137,3 +147,42 @@ def test_reply_only_preservation_kl_runs_over_what_reads_the_thoughts(tiny):
         every_position = preservation_loss(tiny, thoughts, texts)
     assert got.item() == pytest.approx(sum(expected).item() / 2, rel=1e-4)
     assert every_position.item() != pytest.approx(got.item(), rel=1e-2)
+
+
+def test_copy_targets_are_the_tokens_that_spell_what_the_user_asks_for_in_order():
+    checks = [{"instruction_id": "startend:end_checker", "kwargs": {"end_phrase": "Cheers!"}},
+              {"instruction_id": "keywords:existence", "kwargs": {"keywords": ["lantern", "river"]}},
+              {"instruction_id": "punctuation:no_comma", "kwargs": {}}]
+    assert copy_strings(checks) == ["Cheers!", "lantern", "river"]
+    summary = 'Use the words river and LANTERN. End with "Cheers!"'
+    # character offsets of made-up tokens: "Use" " the" " words" " river" " and" " LAN" "TERN" "." ... "Cheers" '!"'
+    offsets = [(0, 3), (3, 7), (7, 13), (13, 19), (19, 23), (23, 27), (27, 31), (31, 32), (32, 36), (36, 41),
+               (41, 43), (43, 49), (49, 51)]
+    assert copy_targets(summary, copy_strings(checks), offsets, 8) == [3, 5, 6, 11, 12]
+    assert copy_targets(summary, copy_strings(checks), offsets, 2) == [3, 5]
+    assert copy_targets("No strings here.", ["absent"], [(0, 2)], 8) == []
+
+
+def test_copy_loss_is_low_only_where_the_right_tokens_are_taken_and_the_gates_match():
+    targets = [[2, 3], []]
+    picks = torch.zeros(2, 3, 5)
+    picks[0, 0, 2] = picks[0, 1, 3] = picks[0, 2, 0] = 1.0
+    picks[1, :, 0] = 1.0
+    right_gates = torch.tensor([[20.0, 20.0, -20.0], [-20.0, -20.0, -20.0]])
+    assert copy_loss(picks, right_gates, targets) < 1e-6
+    assert copy_loss(picks.roll(1, dims=2), right_gates, targets) > 10  # wrong tokens
+    assert copy_loss(picks, -right_gates, targets) > 10  # gates the wrong way round
+
+
+def test_copy_thoughts_train_from_an_init_checkpoint_and_learn_to_point(tmp_path, data_dir, tiny_dir, tiny):
+    cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "a"),
+                                 num_thoughts=2, steps=1, batch_size=2, log_every=1))
+    base = train(cfg)
+    grown = train(cfg.model_copy(update={"init": str(base), "copy_thoughts": 3, "out": str(tmp_path / "b"), "steps": 30,
+                                         "lr": 1e-2, "batch_size": 4}))
+    aux = SoftThoughtAux.from_pretrained(grown, backbone=tiny)
+    assert aux.config.copy_thoughts == 3 and aux.config.total_thoughts == 5
+    events = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if "loss" in e]
+    assert events[-1]["backbone_fingerprint_after"] == tiny.fingerprint
+    assert sum(losses[-5:]) < sum(losses[:5])  # the pointer loss is learnable: it falls
