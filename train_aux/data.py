@@ -148,10 +148,15 @@ def _shout(text: str, n: int) -> str:
     return text
 
 
-def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random) -> str | None:
+def _add(text: str, sentences: str, first: bool) -> str:
+    return f"{sentences} {text}" if first else f"{text} {sentences}"
+
+
+def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random, keywords_first: bool = False) -> str | None:
     """The smallest edit of the backbone's own answer that satisfies every check, or None if none is found.
 
-    `answer` is the plain backbone's answer, or for a response-language user its sampled answer in that language."""
+    `answer` is the plain backbone's answer, or for a response-language user its sampled answer in that language.
+    `keywords_first`: the sentences that bring in missing keywords open the reply instead of closing it."""
     kinds = {c["instruction_id"]: c.get("kwargs") or {} for c in checks}
     text = answer.strip()
     if "length_constraints:number_words" in kinds and kinds["length_constraints:number_words"]["relation"] == "less than":
@@ -171,13 +176,14 @@ def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random
     if "keywords:existence" in kinds:
         missing = [k for k in kinds["keywords:existence"]["keywords"] if k.lower() not in text.lower()]
         if missing:
-            text += " " + rng.choice(["Think of {w}.", "This reminds me of {w}.", "Like {w}."]).format(w=" and ".join(missing))
+            text = _add(text, rng.choice(["Think of {w}.", "This reminds me of {w}.", "Like {w}."]).format(w=" and ".join(missing)),
+                        keywords_first)
     if "keywords:frequency" in kinds and kinds["keywords:frequency"]["relation"] == "at least":
         kw = kinds["keywords:frequency"]
         missing = kw["frequency"] - len(re.findall(kw["keyword"], text, flags=re.IGNORECASE))
         if missing > 0:
-            text += " " + " ".join(rng.choice(["Think of {w}.", "Picture a {w}.", "A {w} fits here."]).format(w=kw["keyword"])
-                                   for _ in range(missing))
+            text = _add(text, " ".join(rng.choice(["Think of {w}.", "Picture a {w}.", "A {w} fits here."]).format(w=kw["keyword"])
+                                       for _ in range(missing)), keywords_first)
     if "detectable_content:number_placeholders" in kinds:
         n = kinds["detectable_content:number_placeholders"]["num_placeholders"]
         slots = rng.sample(PLACEHOLDERS, n) if n <= len(PLACEHOLDERS) else [f"[item {i + 1}]" for i in range(n)]

@@ -51,6 +51,9 @@ class TrainConfig(BaseModel):
     # Weight of the copy thoughts' pointer loss (`copy_loss`): thought i takes the i-th token of the strings the
     # user asked for, and the gates open on those and stay shut elsewhere.
     copy_weight: float = 1.0
+    # Where the edit brings in a keyword the answer lacks: a sentence after the answer, or one that opens the reply,
+    # where a copied word is the next thing written.
+    keywords_first: bool = False
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -121,8 +124,10 @@ class Examples:
     """Endless stream of examples from random users and the backbone's own answers: in the user's response language
     when they have one (`language_answers`), else its plain answers."""
 
-    def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = ()) -> None:
+    def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
+                 keywords_first: bool = False) -> None:
         self.answers = answers
+        self.keywords_first = keywords_first
         self.by_language: dict[str, list[dict]] = {}
         for row in language_answers:
             self.by_language.setdefault(row["language"], []).append(row)
@@ -134,7 +139,7 @@ class Examples:
             user = self.rng.choice(self.users)
             lang = _language(user)
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
-            target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng)
+            target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
             if target is not None:
                 # an answer in another language is weighed against itself: were all of it counted as edited (against
                 # the plain answer), these few users' whole replies outweighed every other preference's edits
@@ -353,7 +358,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
-    examples = Examples(users, answers, cfg.seed, languages)
+    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = (boolq_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])

@@ -78,3 +78,17 @@ def test_whole_sentences_and_prompt_pool():
 def test_qa_texts_have_the_multiple_choice_shape_and_the_backbones_first_sentence():
     texts = qa_texts([{"prompt": "Why is the sky blue?", "answer": "Light scatters. Blue scatters most."}])
     assert texts == ["Question: Why is the sky blue?\nAnswer: Light scatters."]
+
+
+def test_keywords_first_open_the_reply_and_still_satisfy_every_check():
+    rng = random.Random(1)
+    users = [u for u in make_users(300, 4, "t", held_out_phrasing=False)
+             if {"keywords", "keyword_frequency"} & set(u["kinds"]) and "language" not in u["kinds"]]
+    assert len(users) > 20
+    edited = [(u, edit_answer(LONG, "Tell me about the ocean.", u["checks"], rng, keywords_first=True)) for u in users]
+    ok = [(u, t) for u, t in edited if t is not None]
+    assert len(ok) >= 0.8 * len(users)
+    for u, t in ok:
+        assert all(check_all(t, u["checks"]))
+    plain = [t for u, t in ok if set(u["kinds"]) <= {"keywords", "keyword_frequency", "no_comma", "forbidden"}]
+    assert plain and all(t.startswith(("Think of", "This reminds", "Like", "Picture a", "A ")) for t in plain)
