@@ -40,6 +40,9 @@ COPY_GATE_SCALE = 10.0
 COPY_GATE_INIT = -4.0
 
 
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
+
+
 class CheckpointError(ValueError):
     """An auxiliary checkpoint that cannot be used: unreadable, malformed, or for another backbone."""
 
@@ -65,6 +68,13 @@ class AuxConfig:
     metadata: dict = field(default_factory=dict)  # training data hash, metrics, ...
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # a hand-edited config.json ("num_thoughts": "eight") is refused by name
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(f.type)
+            if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and bool not in kind):
+                raise CheckpointError(f"{f.name} must be of type {f.type}, got {value!r}")
+        if min(self.backbone_hidden, self.encoder_hidden, self.num_heads, self.mlp_ratio, self.max_summary_tokens) < 1:
+            raise CheckpointError("backbone_hidden, encoder_hidden, num_heads, mlp_ratio and max_summary_tokens must be "
+                                  "positive")
         if not 1 <= self.num_thoughts <= 64:
             raise CheckpointError(f"num_thoughts must be in 1..64, got {self.num_thoughts}")
         if not 0 <= self.copy_thoughts <= 64:

@@ -60,6 +60,7 @@ CASES = [
      "user"),
     ("user id too long in the user field", "POST", "/v1/chat/completions", {**OK, "user": "u" * 10_000}, None, 400,
      "user"),
+    ("checkpoint path with a NUL", "POST", "/admin/aux", {"checkpoint": "/tmp/a\x00b"}, None, 400, "checkpoint"),
     ("unknown route", "GET", "/v1/nothing", None, None, 404, None),
     ("wrong method", "GET", "/v1/chat/completions", None, None, 405, None),
 ]
