@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     overrides = {
         "backbone": args.backbone, "aux_checkpoint": args.aux, "dtype": args.dtype,
-        "store_path": args.store and os.path.abspath(args.store), "api_keys": args.api_key,
+        "store_path": args.store and os.path.abspath(args.store), "api_keys": args.api_key, "admin_keys": args.admin_key,
     }
     if args.aux and args.aux != "default":
         overrides["aux_checkpoint"] = os.path.abspath(args.aux)
@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     import httpx
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
     resp = httpx.post(args.url.rstrip("/") + "/admin/aux", json={"checkpoint": os.path.abspath(args.checkpoint)},
                       headers=headers, timeout=600)
     body = resp.json()
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=sorted(DTYPES))
     serve.add_argument("--store", help="SQLite file for preference summaries")
     serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    serve.add_argument("--admin-key", action="append", help="bearer key for /admin/* and /health's details (repeatable)")
     serve.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ray-metrics-port", type=int, help="fixed port for Ray's own Prometheus metrics")
     serve.set_defaults(func=cmd_serve)
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout = sub.add_parser("rollout", help="switch a running server to a new auxiliary checkpoint, no downtime")
     rollout.add_argument("checkpoint")
     rollout.add_argument("--url", default="http://127.0.0.1:8000")
-    rollout.add_argument("--api-key", default=os.environ.get("SOFTTHOUGHT_API_KEY"))
+    rollout.add_argument("--admin-key", default=os.environ.get("SOFTTHOUGHT_ADMIN_KEY"))
     rollout.set_defaults(func=cmd_rollout)
 
     bench = sub.add_parser("bench", help="benchmark soft thoughts vs text, server overhead, batching, cache, load")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--url", help="use a running server instead of starting one (it must load the same models)")
     bench.add_argument("--aux", help="auxiliary checkpoint for the server it starts (default: the shipped one)")
     bench.add_argument("--model", default="softthought")
-    bench.add_argument("--api-key")
+    bench.add_argument("--api-key", help="with --url: a key that may read /health's details (an admin key)")
     bench.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..pipeline import default_aux_dir
 
 
+def _keys(listed: list[str], env: str) -> set[str]:
+    return {k for k in listed if k} | {k.strip() for k in os.environ.get(env, "").split(",") if k.strip()}
+
+
 def default_store_path() -> str:
     base = os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share"))
     return str(Path(base) / "softthought" / "preferences.db")
@@ -26,6 +30,10 @@ class ServerConfig(BaseModel):
     served_model_name: str = "softthought"
     store_path: str = Field(default_factory=default_store_path)
     api_keys: list[str] = Field(default_factory=list, description="also read from $SOFTTHOUGHT_API_KEYS (comma-separated)")
+    admin_keys: list[str] = Field(default_factory=list, description="for /admin/* and /health's details; also read from "
+                                  "$SOFTTHOUGHT_ADMIN_KEYS. With no key of either kind the server is open (loopback).")
+    checkpoint_roots: list[str] = Field(default_factory=list, description="directories /admin/aux may load checkpoints "
+                                        "from, besides the shipped ones' and the configured aux_checkpoint's")
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(1024, ge=1)
     max_n: int = Field(4, ge=1)
@@ -45,5 +53,15 @@ class ServerConfig(BaseModel):
         return self.aux_checkpoint
 
     def resolved_api_keys(self) -> set[str]:
-        env = os.environ.get("SOFTTHOUGHT_API_KEYS", "")
-        return {k for k in self.api_keys if k} | {k.strip() for k in env.split(",") if k.strip()}
+        return _keys(self.api_keys, "SOFTTHOUGHT_API_KEYS")
+
+    def resolved_admin_keys(self) -> set[str]:
+        return _keys(self.admin_keys, "SOFTTHOUGHT_ADMIN_KEYS")
+
+    def resolved_checkpoint_roots(self) -> list[str]:
+        """Absolute, symlink-free roots: the listed ones, the shipped checkpoints' directory and the configured
+        checkpoint's parent (so that its siblings, the next versions, can be rolled out)."""
+        roots = list(self.checkpoint_roots) + [str(Path(__file__).resolve().parents[1] / "checkpoints")]
+        if configured := self.resolved_aux_checkpoint():
+            roots.append(str(Path(configured).parent))
+        return sorted({os.path.realpath(r) for r in roots})

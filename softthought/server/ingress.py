@@ -4,6 +4,7 @@
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -202,16 +203,49 @@ class Ingress:
         self.stream_backbone = backbone.options(stream=True)
         self.store = PreferenceStore(self.config.store_path)
         self.api_keys = self.config.resolved_api_keys()
+        self.admin_keys = self.config.resolved_admin_keys()
+        self.checkpoint_roots = self.config.resolved_checkpoint_roots()
         self._max_token_chars: int | None = None  # the backbone's, asked once
 
     # -------------------------------------------------------------------------- plumbing
-    def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
+    @property
+    def _open(self) -> bool:
+        """No key of either kind configured: the local default, on loopback, where everything is open."""
+        return not self.api_keys and not self.admin_keys
+
+    @staticmethod
+    def _bearer(request: Request) -> str | None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+        return key.strip() if scheme.lower() == "bearer" else None
+
+    def _authorize(self, request: Request) -> None:
+        """An inference route: any configured key (an admin key too)."""
+        if not self._open and self._bearer(request) not in self.api_keys | self.admin_keys:
             raise oai.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                code="invalid_api_key")
+
+    def _is_admin(self, request: Request) -> bool:
+        return self._open or self._bearer(request) in self.admin_keys
+
+    def _authorize_admin(self, request: Request) -> None:
+        """An /admin route: admin keys only; an inference key is known but not allowed."""
+        if self._is_admin(request):
+            return
+        if self._bearer(request) in self.api_keys:
+            raise oai.APIError(403, "This API key may not use the admin API; use an admin key.",
+                               code="insufficient_permissions", type="permission_error")
+        raise oai.APIError(401, "Incorrect or missing admin key: send 'Authorization: Bearer <admin key>'.",
+                           code="invalid_api_key")
+
+    def _checkpoint_path(self, path: str) -> str:
+        """`path` if it lies under a checkpoint root, else one refusal that tells nothing about the filesystem."""
+        real = os.path.realpath(path) if "\x00" not in path and os.path.isabs(path) else None
+        if real is None or not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+                                   for root in self.checkpoint_roots):
+            raise oai.APIError(400, "Checkpoint refused: only absolute paths under the server's checkpoint roots "
+                                    "(checkpoint_roots) can be loaded; the current one keeps serving.",
+                               param="checkpoint", code="invalid_checkpoint")
+        return path
 
     def _check_summary(self, summary: str, param: str) -> None:
         if len(summary) > self.config.max_summary_chars:
@@ -409,14 +443,15 @@ class Ingress:
 
     @app.get("/admin/aux")
     async def aux_info(self, request: Request) -> dict:
-        self._authorize(request)
+        self._authorize_admin(request)
         return await self.aux.info.remote()
 
     @app.post("/admin/aux")
     async def rollout(self, request: Request) -> dict:
         """Switch every Aux replica to a new checkpoint without downtime; a bad checkpoint changes nothing."""
-        self._authorize(request)
+        self._authorize_admin(request)
         body = await _parse(request, oai.RolloutBody, self.config.max_body_bytes)
+        self._checkpoint_path(body.checkpoint)
         start = time.perf_counter()
         backbone, before = await asyncio.gather(self.backbone.info.remote(), self.aux.info.remote())
         try:
@@ -437,14 +472,17 @@ class Ingress:
                 "changed": version != before["version"], "rollout_s": round(time.perf_counter() - start, 3)}
 
     @app.get("/health")
-    async def health(self) -> JSONResponse:
-        """200 once both models answer, 503 until then or while a replica is down; nothing else."""
+    async def health(self, request: Request) -> JSONResponse:
+        """200 once both models answer, 503 until then or while a replica is down; nothing else. The models' details
+        (names, versions, the checkpoint's path) only for an admin key, or on an open server."""
         try:
             async with asyncio.timeout(2):
                 backbone, aux = await asyncio.gather(self.backbone.info.remote(), self.aux.info.remote())
         except Exception as exc:  # models still loading, a replica down, or the probe's own time-out
             log.info("not ready: %s", exc)
             return JSONResponse({"status": "loading"}, status_code=503)
+        if not self._is_admin(request):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": self.config.served_model_name, "backbone": backbone, "aux": aux})
 
     @app.get("/metrics")

@@ -13,6 +13,7 @@ from softthought.server.launch import DEFAULT_CONFIG
 from softthought.server.process import ServerProcess, free_port
 
 API_KEY = "test-key"
+ADMIN_KEY = "test-admin-key"
 CLI = str(Path(sys.executable).parent / "softthought")
 
 
@@ -32,6 +33,8 @@ def server(tmp_path_factory, aux_dir):
         aux_checkpoint=str(aux_dir),
         store_path=str(tmp / "prefs.db"),
         api_keys=[API_KEY],
+        admin_keys=[ADMIN_KEY],
+        checkpoint_roots=[str(tmp_path_factory.getbasetemp())],  # where the tests write the checkpoints they roll out
         max_prompt_tokens=512,
         max_summary_chars=500,
         max_tokens_limit=256,
@@ -55,4 +58,10 @@ def client(server):
 @pytest.fixture()
 def http(server):
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin(server):
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=600) as c:
         yield c

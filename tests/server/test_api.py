@@ -54,14 +54,14 @@ def test_streaming_is_incremental(client):
     assert text == full.choices[0].message.content
 
 
-def test_stored_preferences_select_the_users_thoughts(client, http, smollm, aux_dir):
+def test_stored_preferences_select_the_users_thoughts(client, http, admin, smollm, aux_dir):
     summary = "I am a chef. Answer in French, briefly."
     put = http.put("/v1/users/chef/preferences", json={"summary": summary})
     assert put.status_code == 200
     resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0, user="chef")
     ext = resp.to_dict()["softthought"]
     assert ext["summary_source"] == "stored" and ext["preference_version"] == put.json()["version"]
-    assert ext["aux_version"] == http.get("/health").json()["aux"]["version"]
+    assert ext["aux_version"] == admin.get("/health").json()["aux"]["version"]
     expected = _in_process(smollm, aux_dir, HELLO, summary, 16)
     assert resp.choices[0].message.content == expected.text
     assert resp.usage.prompt_tokens == expected.prompt_tokens  # the K thoughts are counted
@@ -69,21 +69,21 @@ def test_stored_preferences_select_the_users_thoughts(client, http, smollm, aux_
     assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
 
 
-def test_a_reply_only_checkpoint_is_served_as_the_library_reads_it(client, http, smollm, aux_dir, tmp_path):
+def test_a_reply_only_checkpoint_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir, tmp_path):
     """The same weights with `thoughts_seen_by: reply` are another version, and the server hides the thoughts from
     the prompt exactly as the library does."""
     reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
     config = json.loads((reply_dir / "config.json").read_text())
     (reply_dir / "config.json").write_text(json.dumps({**config, "thoughts_seen_by": "reply"}))
-    summary, original = "Answer like a pirate, in capitals.", http.get("/admin/aux").json()["version"]
-    rolled = http.post("/admin/aux", json={"checkpoint": str(reply_dir)}).json()
+    summary, original = "Answer like a pirate, in capitals.", admin.get("/admin/aux").json()["version"]
+    rolled = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)}).json()
     try:
         assert rolled["changed"] and rolled["version"] != original
-        assert http.get("/admin/aux").json()["thoughts_seen_by"] == "reply"
+        assert admin.get("/admin/aux").json()["thoughts_seen_by"] == "reply"
         resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0,
                                               extra_body={"preference_summary": summary})
     finally:
-        assert http.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
+        assert admin.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
     expected = _in_process(smollm, reply_dir, HELLO, summary, 16)
     assert resp.choices[0].message.content == expected.text
     assert expected.text != _in_process(smollm, aux_dir, HELLO, summary, 16).text  # the two readings differ
@@ -156,8 +156,8 @@ def test_preference_api_round_trip(http):
     assert http.get("/v1/users/u1/preferences").status_code == 404
 
 
-def test_health_and_metrics(http, client):
-    health = http.get("/health").json()
+def test_health_and_metrics(http, admin, client):
+    health = admin.get("/health").json()
     assert health["status"] == "ok" and health["backbone"]["fingerprint"] and health["aux"]["version"]
     client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=4, temperature=0,
                                    extra_body={"preference_summary": "metrics check"})

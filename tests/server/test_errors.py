@@ -2,9 +2,10 @@
 
 import pytest
 
-from .conftest import API_KEY
+from .conftest import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.slow
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 OK = {"model": "softthought", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 CASES = [
@@ -60,7 +61,10 @@ CASES = [
      "user"),
     ("user id too long in the user field", "POST", "/v1/chat/completions", {**OK, "user": "u" * 10_000}, None, 400,
      "user"),
-    ("checkpoint path with a NUL", "POST", "/admin/aux", {"checkpoint": "/tmp/a\x00b"}, None, 400, "checkpoint"),
+    ("checkpoint path with a NUL", "POST", "/admin/aux", {"checkpoint": "/tmp/a\x00b"}, ADMIN, 400, "checkpoint"),
+    ("inference key on the admin API", "POST", "/admin/aux", {"checkpoint": "/tmp"}, None, 403, None),
+    ("inference key reading the admin API", "GET", "/admin/aux", None, None, 403, None),
+    ("no key on the admin API", "GET", "/admin/aux", None, {"Authorization": ""}, 401, None),
     ("unknown route", "GET", "/v1/nothing", None, None, 404, None),
     ("wrong method", "GET", "/v1/chat/completions", None, None, 405, None),
 ]
@@ -103,6 +107,26 @@ def test_preference_versions_never_repeat_after_a_delete(http):
     assert http.put("/v1/users/versions/preferences", json={"summary": "a"}).json()["version"] == 1
     assert http.delete("/v1/users/versions/preferences").status_code == 200
     assert http.put("/v1/users/versions/preferences", json={"summary": "b"}).json()["version"] == 2
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc", "/nonexistent/ckpt", "relative/ckpt", "/tmp/../etc"])
+def test_rollout_outside_the_checkpoint_roots_reveals_nothing_of_the_filesystem(admin, path):
+    resp = admin.post("/admin/aux", json={"checkpoint": path})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "checkpoint" and error["code"] == "invalid_checkpoint"
+    # one message for all: whether the path exists, is a file or a directory stays unknown
+    assert error["message"] == ("Checkpoint refused: only absolute paths under the server's checkpoint roots "
+                                "(checkpoint_roots) can be loaded; the current one keeps serving.")
+
+
+def test_health_shows_details_to_admin_keys_only(server, http, admin):
+    import httpx
+
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+    assert http.get("/health").json() == {"status": "ok"}
+    details = admin.get("/health").json()
+    assert details["aux"]["checkpoint"] and details["backbone"]["fingerprint"]
 
 
 def test_openai_client_raises_typed_errors(client):

@@ -44,8 +44,8 @@ def _wait_for(condition, what: str, limit_s: float = 600) -> None:
         time.sleep(0.1)
 
 
-def test_rollout_under_traffic(server, http, smollm, tiny, aux_dir, tmp_path):
-    original = http.get("/admin/aux").json()["version"]
+def test_rollout_under_traffic(server, admin, smollm, tiny, aux_dir, tmp_path):
+    original = admin.get("/admin/aux").json()["version"]
     torch.manual_seed(123)
     new_dir = SoftThoughtAux.for_backbone(smollm, num_thoughts=8).save_pretrained(tmp_path / "new")
     new_version = SoftThoughtAux.from_pretrained(new_dir).version
@@ -60,13 +60,13 @@ def test_rollout_under_traffic(server, http, smollm, tiny, aux_dir, tmp_path):
     try:
         # counted, not timed: the same traffic on either side of the switch however loaded the machine is
         _wait_for(lambda: len(records) >= 8, "8 requests before the rollout")
-        resp = http.post("/admin/aux", json={"checkpoint": str(new_dir)})
+        resp = admin.post("/admin/aux", json={"checkpoint": str(new_dir)})
         assert resp.status_code == 200, resp.text
         rolled = resp.json()
         switched_at = time.monotonic()
         assert rolled["version"] == new_version and rolled["previous_version"] == original and rolled["changed"]
         for bad, words in ((corrupt, "model.safetensors"), (other_backbone, "fingerprint"), (tmp_path / "nothing", "missing")):
-            refused = http.post("/admin/aux", json={"checkpoint": str(bad)})
+            refused = admin.post("/admin/aux", json={"checkpoint": str(bad)})
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
             assert error["code"] == "invalid_checkpoint" and words in error["message"]
@@ -79,7 +79,7 @@ def test_rollout_under_traffic(server, http, smollm, tiny, aux_dir, tmp_path):
     versions = [v for _, _, _, v in sorted(records)]
     assert versions[0] == original and versions[-1] == new_version
     assert all(v == new_version for start, _, _, v in records if start > switched_at)  # never an old thought again
-    assert http.get("/admin/aux").json()["version"] == new_version  # the refused ones changed nothing
+    assert admin.get("/admin/aux").json()["version"] == new_version  # the refused ones changed nothing
     print(f"rollout took {rolled['rollout_s']} s; {len(records)} requests served during the test, 0 failed")
     # leave the server as the other tests expect it
-    assert http.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
+    assert admin.post("/admin/aux", json={"checkpoint": str(aux_dir)}).json()["version"] == original
