@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..pipeline import default_aux_dir
+from ..pipeline import DEFAULT_AUX_DIR, default_aux_dir
 
 
 def _keys(listed: list[str], env: str) -> set[str]:
@@ -61,7 +61,7 @@ class ServerConfig(BaseModel):
     def resolved_checkpoint_roots(self) -> list[str]:
         """Absolute, symlink-free roots: the listed ones, the shipped checkpoints' directory and the configured
         checkpoint's parent (so that its siblings, the next versions, can be rolled out)."""
-        roots = list(self.checkpoint_roots) + [str(Path(__file__).resolve().parents[1] / "checkpoints")]
+        roots = [*self.checkpoint_roots, str(DEFAULT_AUX_DIR.parent)]
         if configured := self.resolved_aux_checkpoint():
             roots.append(str(Path(configured).parent))
         return sorted({os.path.realpath(r) for r in roots})

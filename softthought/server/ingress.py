@@ -77,9 +77,9 @@ def unavailable(exc: BaseException) -> oai.APIError:
 
 
 @app.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     if replica_failure(exc):
-        return await _api_error(_, unavailable(exc))
+        return await _api_error(request, unavailable(exc))
     request_id = oai.new_id("req")
     if not is_cancellation(exc):  # a handle call cancelled because its client left is no error of ours
         log.exception("request %s: unhandled error", request_id)
@@ -144,10 +144,11 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, dict]]:
             async for item in stream:
                 await queue.put((i, item))
         except Exception as exc:  # a replica died mid-stream: the client gets a 503 event, the log gets the rest
-            error = unavailable(exc) if replica_failure(exc) else oai.APIError(500, "The generation failed.",
-                                                                              code="backbone_error")
-            if not replica_failure(exc):
+            if replica_failure(exc):
+                error = unavailable(exc)
+            else:
                 log.exception("generation failed")
+                error = oai.APIError(500, "The generation failed.", code="backbone_error")
             await queue.put((i, {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": error}))
         finally:
             await queue.put((i, None))
