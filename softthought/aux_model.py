@@ -268,16 +268,16 @@ class SoftThoughtAux(nn.Module):
         thoughts = F.normalize(self.projector(x), dim=-1) * (self.config.thought_norm * self.log_gain.exp())
         if not self.config.copy_thoughts:
             return thoughts
-        picks, gate_logits = self.copy_attention(states, attention_mask, copy_ids, copy_align)
-        copied = gate_logits.sigmoid().unsqueeze(-1) * (picks @ self.copy_table[copy_ids].float())
+        values = self.copy_table[copy_ids].float()  # the backbone's own embeddings of the summary's tokens
+        picks, gate_logits = self.copy_attention(states, attention_mask, values, copy_align)
+        copied = gate_logits.sigmoid().unsqueeze(-1) * (picks @ values)
         thoughts = torch.cat([thoughts, copied], dim=1)
         return (thoughts, picks, gate_logits) if return_copy else thoughts
 
-    def copy_attention(self, states: torch.Tensor, attention_mask: torch.Tensor, ids: torch.Tensor,
+    def copy_attention(self, states: torch.Tensor, attention_mask: torch.Tensor, values: torch.Tensor,
                        align: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which of the summary's backbone tokens each copy thought takes, [B, copy, S] (rows sum to 1, or 0 for a
         summary without tokens), and the logits of its gate, [B, copy]."""
-        values = self.copy_table[ids].float()
         # each backbone token keyed by the encoder states of its characters and by its own embedding
         keys = self.copy_k(align @ states) + self.copy_e(values)
         q = self.copy_q(self.copy_norm(self.copy_queries))
