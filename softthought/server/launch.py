@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -10,6 +11,12 @@ import time
 from pathlib import Path
 
 import yaml
+
+# On Linux, Ray turns 127.0.0.1 into the machine's routable address, so its GCS, raylet, agents and workers listen
+# on every interface. Declared a single-machine install, it keeps the node address (and so those listeners) on
+# loopback. Ray reads this when it is imported: it must be set before any `import ray` in this process.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 log = logging.getLogger("softthought.serve")
 DEFAULT_CONFIG = Path(__file__).with_name("serve_local.yaml")
@@ -67,6 +74,11 @@ def start(config, num_cpus: int | None = None, metrics_export_port: int | None =
         _metrics_export_port=metrics_export_port,
         log_to_driver=True,
     )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"Ray's node address is {node_ip}, not loopback: softthought serve keeps Ray on "
+                           "127.0.0.1 and needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before ray is imported")
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
