@@ -105,6 +105,21 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .loadtest import markdown, run
+
+    report = asyncio.run(run(args.url, args.api_key, args.requests, args.concurrency, args.disconnects, args.kill or [],
+                             args.max_tokens, args.users, args.seed, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["lost"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softthought", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -162,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--api-key", help="with --url: a key that may read /health's details (an admin key)")
     bench.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     bench.set_defaults(func=cmd_bench)
+
+    loadtest = sub.add_parser("loadtest", help="load, client disconnects and replica kills against a server; prints what was lost")
+    loadtest.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
+    loadtest.add_argument("--api-key", default=os.environ.get("SOFTTHOUGHT_API_KEY"))
+    loadtest.add_argument("--requests", type=int, default=400)
+    loadtest.add_argument("--concurrency", type=int, default=16)
+    loadtest.add_argument("--max-tokens", type=int, default=16)
+    loadtest.add_argument("--users", type=int, default=16, help="users whose summaries are written, used and read back")
+    loadtest.add_argument("--disconnects", type=int, default=32, help="streams opened and hung up on after one event")
+    loadtest.add_argument("--kill", action="append", choices=["Aux", "Backbone"],
+                          help="kill -9 this deployment's replica under load (the server must run on this machine)")
+    loadtest.add_argument("--seed", type=int, default=0)
+    loadtest.add_argument("--json", help="also write the report here")
+    loadtest.set_defaults(func=cmd_loadtest)
     return parser
 
 

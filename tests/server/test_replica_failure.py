@@ -5,11 +5,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
+
+from softthought.loadtest import replica_pids
 
 pytestmark = pytest.mark.slow
 CHAT = {"model": "softthought", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
@@ -18,9 +19,7 @@ INTERNALS = re.compile(r"actor|pid=|\b\d{1,3}(\.\d{1,3}){3}\b|ServeReplica|Trace
 
 
 def replica_pid(deployment: str) -> int:
-    """The pid of the running replica of `deployment` (Ray names its worker process ray::ServeReplica:APP:NAME)."""
-    found = subprocess.run(["pgrep", "-f", f"ServeReplica:[^ ]*:{deployment}( |$)"], capture_output=True, text=True)
-    pids = [int(p) for p in found.stdout.split()]
+    pids = replica_pids(deployment)
     assert len(pids) == 1, f"expected one {deployment} replica, found {pids}"
     return pids[0]
 
