@@ -67,16 +67,27 @@ def cmd_aux_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
     from .server.launch import load_serve_config, serve_forever
 
     http = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    store = args.store
+    if store and "://" in store:
+        if urlsplit(store).password is not None:
+            print("error: --store must not carry a password (the command line is visible to every user of the "
+                  "machine): set $PGPASSWORD, use ~/.pgpass, or pass the whole URL in $SOFTTHOUGHT_STORE", file=sys.stderr)
+            return 2
+    elif store:
+        store = os.path.abspath(store)
     overrides = {
         "backbone": args.backbone, "aux_checkpoint": args.aux, "dtype": args.dtype,
-        "store_path": args.store and os.path.abspath(args.store), "api_keys": args.api_key, "admin_keys": args.admin_key,
+        "store": store, "api_keys": args.api_key, "admin_keys": args.admin_key,
     }
     if args.aux and args.aux != "default":
         overrides["aux_checkpoint"] = os.path.abspath(args.aux)
-    config = load_serve_config(args.config, http, {k: v for k, v in overrides.items() if v is not None})
+    config = load_serve_config(args.config, http, {k: v for k, v in overrides.items() if v is not None},
+                               replicas={"Ingress": args.ingress_replicas} if args.ingress_replicas else None)
     return serve_forever(config, num_cpus=args.num_cpus, metrics_export_port=args.ray_metrics_port)
 
 
@@ -156,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backbone", help="override the app's backbone (HF directory or hub id)")
     serve.add_argument("--aux", help="override the app's auxiliary checkpoint directory")
     serve.add_argument("--dtype", choices=sorted(DTYPES))
-    serve.add_argument("--store", help="SQLite file for preference summaries")
-    serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    serve.add_argument("--store", help="preference store: a SQLite file (sqlite:///path too) or postgresql://user@host:port/db, "
+                       "password from $PGPASSWORD (default: $SOFTTHOUGHT_STORE, else a SQLite file)")
+    serve.add_argument("--ingress-replicas", type=int, help="Ingress replicas (several need a store they can share)")
+    serve.add_argument("--api-key", action="append", help="require this bearer key (repeatable; KEY=TENANT puts it in a "
+                       "tenant, a plain key is its own tenant)")
     serve.add_argument("--admin-key", action="append", help="bearer key for /admin/* and /health's details (repeatable)")
     serve.add_argument("--num-cpus", type=int, help="CPUs Ray may schedule (default: all)")
     serve.add_argument("--ray-metrics-port", type=int, help="fixed port for Ray's own Prometheus metrics")

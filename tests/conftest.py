@@ -111,3 +111,23 @@ def sliding(tiny_dir, tmp_path_factory):
         save_tiny_model(directory, AutoTokenizer.from_pretrained(tiny_dir), MistralConfig, sliding_window=window)
         return load_backbone(str(directory), dtype="float32")
     return make(8), make(None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres_server.py)."""
+    from softthought.server.process import free_port
+
+    from .postgres_server import PostgresServer
+
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty store of each backend: the same test runs against both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "prefs.db")
+    return request.getfixturevalue("postgres").create_database(f"t_{abs(hash(request.node.nodeid)):x}")

@@ -1,50 +1,94 @@
+"""The store suite, run against SQLite and a real PostgreSQL server alike (`store_url` is parametrized)."""
+
 import sqlite3
 import threading
 
-from softthought.store import PreferenceStore
+from softthought.store import DEFAULT_TENANT, open_store
+from softthought.store.base import SCHEMA_VERSION
 
 
-def test_put_get_delete_and_versions(tmp_path):
-    store = PreferenceStore(tmp_path / "prefs.db")
-    assert store.get("alice") is None
-    first = store.put("alice", "Answer in French.")
+def test_put_get_delete_and_versions(store_url):
+    store = open_store(store_url)
+    assert store.get("t", "alice") is None
+    first = store.put("t", "alice", "Answer in French.")
     assert (first.user, first.summary, first.version) == ("alice", "Answer in French.", 1)
-    second = store.put("alice", "Answer in German.")
+    second = store.put("t", "alice", "Answer in German.")
     assert second.version == 2 and second.updated_at >= first.updated_at
-    assert store.get("alice") == second
-    assert store.delete("alice") is True
-    assert store.delete("alice") is False
-    assert store.get("alice") is None
+    assert store.get("t", "alice") == second
+    assert store.delete("t", "alice") is True
+    assert store.delete("t", "alice") is False
+    assert store.get("t", "alice") is None
 
 
-def test_survives_reopening_and_uses_wal(tmp_path):
-    path = tmp_path / "sub" / "prefs.db"
-    PreferenceStore(path).put("bob", "Short answers.")
-    assert PreferenceStore(path).get("bob").summary == "Short answers."
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_survives_reopening(store_url):
+    open_store(store_url).put("t", "bob", "Short answers.")
+    reopened = open_store(store_url)
+    assert reopened.get("t", "bob").summary == "Short answers."
+    assert reopened.schema_version() == SCHEMA_VERSION
 
 
-def test_concurrent_writers_lose_no_update(tmp_path):
-    store = PreferenceStore(tmp_path / "prefs.db")
+def test_tenants_are_apart(store_url):
+    store = open_store(store_url)
+    store.put("a", "sam", "Answer in French.")
+    assert store.get("b", "sam") is None  # B can neither read...
+    assert store.delete("b", "sam") is False  # ...nor delete A's user
+    assert store.put("b", "sam", "Answer in German.").version == 1  # the same id in B is another user
+    assert store.get("a", "sam").summary == "Answer in French."
+    assert store.get("b", "sam").summary == "Answer in German."
+
+
+def test_concurrent_writers_lose_no_update_and_never_share_a_version(store_url):
+    store = open_store(store_url)
+    seen = {"carol": [], **{f"user-{i}": [] for i in range(4)}}
 
     def writer(i):
         for j in range(20):
-            store.put("carol", f"summary {i}-{j}")
-            store.put(f"user-{i}", f"summary {j}")
+            seen["carol"].append(store.put("t", "carol", f"summary {i}-{j}").version)
+            seen[f"user-{i}"].append(store.put("t", f"user-{i}", f"summary {j}").version)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert store.get("carol").version == 80
-    assert all(store.get(f"user-{i}").version == 20 for i in range(4))
+    assert sorted(seen["carol"]) == list(range(1, 81))  # 80 writes, 80 distinct versions, none lost
+    assert store.get("t", "carol").version == 80
+    assert all(store.get("t", f"user-{i}").version == 20 for i in range(4))
 
 
-def test_a_version_is_never_given_twice_to_a_user_deletes_included(tmp_path):
-    store = PreferenceStore(tmp_path / "p.db")
-    assert [store.put("u", s).version for s in ("a", "b")] == [1, 2]
-    assert store.delete("u") and store.get("u") is None
-    assert store.put("u", "c").version == 3  # not 1 again: version 1 already named "a"
-    assert store.delete("u") and not store.delete("u")
-    assert PreferenceStore(tmp_path / "p.db").put("u", "d").version == 4  # remembered across reopening
-    assert store.put("other", "x").version == 1
+def test_a_version_is_never_given_twice_to_a_user_deletes_included(store_url):
+    store = open_store(store_url)
+    assert [store.put("t", "u", s).version for s in ("a", "b")] == [1, 2]
+    assert store.delete("t", "u") and store.get("t", "u") is None
+    assert store.put("t", "u", "c").version == 3  # not 1 again: version 1 already named "a"
+    assert store.delete("t", "u") and not store.delete("t", "u")
+    assert open_store(store_url).put("t", "u", "d").version == 4  # remembered across reopening
+    assert store.put("t", "other", "x").version == 1
+
+
+def test_sqlite_uses_wal(tmp_path):
+    open_store(f"sqlite:///{tmp_path}/sub/prefs.db").put("t", "bob", "x")
+    with sqlite3.connect(tmp_path / "sub" / "prefs.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_first_release_sqlite_file_opens_and_migrates(tmp_path):
+    """The first release's file: one namespace of users, deleted versions in retired_versions, no schema version."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE preferences (user TEXT PRIMARY KEY, summary TEXT NOT NULL, version INTEGER NOT NULL,
+                                      updated_at REAL NOT NULL);
+            CREATE TABLE retired_versions (user TEXT PRIMARY KEY, version INTEGER NOT NULL);
+            INSERT INTO preferences VALUES ('alice', 'Answer in French.', 3, 1.0), ('bob', 'Be brief.', 1, 2.0);
+            INSERT INTO retired_versions VALUES ('bob', 5), ('gone', 7);
+        """)
+    store = open_store(str(path))
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get(DEFAULT_TENANT, "alice").summary == "Answer in French."
+    assert store.get(DEFAULT_TENANT, "alice").version == 3
+    assert store.put(DEFAULT_TENANT, "alice", "x").version == 4
+    assert store.put(DEFAULT_TENANT, "bob", "x").version == 6  # after its retired version 5, not its current 1
+    assert store.put(DEFAULT_TENANT, "gone", "x").version == 8
+    assert store.get("other", "alice") is None
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"schema_version", "preferences", "version_counters"}

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..pipeline import DEFAULT_AUX_DIR, default_aux_dir
 
 
 def _keys(listed: list[str], env: str) -> set[str]:
     return {k for k in listed if k} | {k.strip() for k in os.environ.get(env, "").split(",") if k.strip()}
+
+
+def _key_and_tenant(item: str) -> tuple[str, str | None]:
+    """"key=tenant" or a plain "key". A tenant holds no "=", a key may (base64 padding): split at the last one."""
+    key, _, tenant = item.strip().rpartition("=")
+    return (key.strip(), tenant.strip()) if key.strip() and tenant.strip() else (item.strip(), None)
+
+
+def key_tenant(key: str) -> str:
+    """The tenant of a key listed without one: its own, named by a hash (the key itself is never stored)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def default_store_path() -> str:
@@ -28,8 +40,13 @@ class ServerConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     aux_checkpoint: str | None = Field("default", description="'default' = the shipped checkpoint, null = none")
     served_model_name: str = "softthought"
-    store_path: str = Field(default_factory=default_store_path)
-    api_keys: list[str] = Field(default_factory=list, description="also read from $SOFTTHOUGHT_API_KEYS (comma-separated)")
+    store: str | None = Field(None, validation_alias=AliasChoices("store", "store_path"),
+                              description="preference store: a SQLite path, sqlite:///path or postgresql://user@host/db "
+                              "(password from $PGPASSWORD); null = $SOFTTHOUGHT_STORE, else a SQLite file in the "
+                              "user's data directory")
+    api_keys: list[str] | dict[str, str] = Field(
+        default_factory=list, description="inference keys, as a list (each key its own tenant) or {key: tenant}; also "
+        "read from $SOFTTHOUGHT_API_KEYS as key or key=tenant, comma-separated")
     admin_keys: list[str] = Field(default_factory=list, description="for /admin/* and /health's details; also read from "
                                   "$SOFTTHOUGHT_ADMIN_KEYS. With no key of either kind the server is open (loopback).")
     checkpoint_roots: list[str] = Field(default_factory=list, description="directories /admin/aux may load checkpoints "
@@ -52,8 +69,14 @@ class ServerConfig(BaseModel):
             return str(found) if found else None
         return self.aux_checkpoint
 
-    def resolved_api_keys(self) -> set[str]:
-        return _keys(self.api_keys, "SOFTTHOUGHT_API_KEYS")
+    def resolved_store(self) -> str:
+        return self.store or os.environ.get("SOFTTHOUGHT_STORE") or default_store_path()
+
+    def resolved_api_keys(self) -> dict[str, str]:
+        """Every inference key with its tenant."""
+        listed = dict(self.api_keys) if isinstance(self.api_keys, dict) else dict(map(_key_and_tenant, self.api_keys))
+        listed.update(map(_key_and_tenant, os.environ.get("SOFTTHOUGHT_API_KEYS", "").split(",")))
+        return {k: t or key_tenant(k) for k, t in listed.items() if k}
 
     def resolved_admin_keys(self) -> set[str]:
         return _keys(self.admin_keys, "SOFTTHOUGHT_ADMIN_KEYS")

@@ -22,7 +22,7 @@ from starlette.routing import Match
 from .. import protocol as oai
 from ..aux_model import CheckpointError
 from ..splice import THOUGHT_MARKER
-from ..store import PreferenceStore
+from ..store import DEFAULT_TENANT, open_store
 from . import metrics
 from .config import ServerConfig
 from .request_metrics import RequestMetrics, is_cancellation
@@ -202,8 +202,8 @@ class Ingress:
         self.config = ServerConfig.model_validate(config)
         self.aux, self.backbone = aux, backbone
         self.stream_backbone = backbone.options(stream=True)
-        self.store = PreferenceStore(self.config.store_path)
-        self.api_keys = self.config.resolved_api_keys()
+        self.store = open_store(self.config.resolved_store())
+        self.api_keys = self.config.resolved_api_keys()  # key -> tenant
         self.admin_keys = self.config.resolved_admin_keys()
         self.checkpoint_roots = self.config.resolved_checkpoint_roots()
         self._max_token_chars: int | None = None  # the backbone's, asked once
@@ -219,11 +219,16 @@ class Ingress:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         return key.strip() if scheme.lower() == "bearer" else None
 
-    def _authorize(self, request: Request) -> None:
-        """An inference route: any configured key (an admin key too)."""
-        if not self._open and self._bearer(request) not in self.api_keys | self.admin_keys:
-            raise oai.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                               code="invalid_api_key")
+    def _authorize(self, request: Request) -> str:
+        """An inference route: any configured key (an admin key too). Returns the key's tenant, whose users alone
+        the request may read, write or personalize with (admin keys and an open server: the default tenant)."""
+        key = self._bearer(request)
+        if key in self.api_keys:
+            return self.api_keys[key]
+        if self._open or key in self.admin_keys:
+            return DEFAULT_TENANT
+        raise oai.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
 
     def _is_admin(self, request: Request) -> bool:
         return self._open or self._bearer(request) in self.admin_keys
@@ -280,7 +285,7 @@ class Ingress:
                                     "tokens can hold.", param="messages" if chat else "prompt",
                                code="context_length_exceeded")
 
-    async def _personalization(self, req) -> tuple[dict, dict]:
+    async def _personalization(self, req, tenant: str) -> tuple[dict, dict]:
         """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none.
         Returns what the backbone needs ("thoughts", and "reply_only": how they are read; {} for none) and the
         response's extension fields."""
@@ -288,7 +293,7 @@ class Ingress:
         if req.preference_summary is not None:
             summary, ext["summary_source"] = req.preference_summary, "inline"
             self._check_summary(summary, "preference_summary")
-        elif req.user and (pref := await asyncio.to_thread(self.store.get, req.user)) is not None:
+        elif req.user and (pref := await asyncio.to_thread(self.store.get, tenant, req.user)) is not None:
             summary, ext["summary_source"], ext["preference_version"] = pref.summary, "stored", pref.version
         else:
             return {}, ext
@@ -320,11 +325,11 @@ class Ingress:
             raise oai.APIError(400, error[0].upper() + error[1:] + ".", param=param, code="invalid_prompt")
         return streams, firsts[0]["prompt_tokens"]
 
-    async def _run(self, req, payload: dict, chat: bool) -> Response:
+    async def _run(self, req, payload: dict, chat: bool, tenant: str) -> Response:
         arrival = time.perf_counter()
         max_tokens = self._check_request(req)
         await self._check_prompt_length(payload)
-        personal, ext = await self._personalization(req)
+        personal, ext = await self._personalization(req, tenant)
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
         dispatched = time.perf_counter()
         payload = {**payload, **personal, "stream": req.stream}
@@ -401,15 +406,15 @@ class Ingress:
     # -------------------------------------------------------------------------- routes
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
+        tenant = self._authorize(request)
         req = await _parse(request, oai.ChatCompletionRequest, self.config.max_body_bytes)
-        return await self._run(req, {"kind": "chat", "messages": req.chat_messages()}, chat=True)
+        return await self._run(req, {"kind": "chat", "messages": req.chat_messages()}, chat=True, tenant=tenant)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
+        tenant = self._authorize(request)
         req = await _parse(request, oai.CompletionRequest, self.config.max_body_bytes)
-        return await self._run(req, {"kind": "text", "prompt": req.prompt}, chat=False)
+        return await self._run(req, {"kind": "text", "prompt": req.prompt}, chat=False, tenant=tenant)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -419,26 +424,27 @@ class Ingress:
 
     @app.put("/v1/users/{user}/preferences")
     async def put_preferences(self, user: str, request: Request) -> dict:
-        self._authorize(request)
+        tenant = self._authorize(request)
         oai.check_user_id(user)
         body = await _parse(request, oai.PreferenceBody, self.config.max_body_bytes)
         self._check_summary(body.summary, "summary")
-        return (await asyncio.to_thread(self.store.put, user, body.summary)).to_dict()
+        return (await asyncio.to_thread(self.store.put, tenant, user, body.summary)).to_dict()
 
     @app.get("/v1/users/{user}/preferences")
     async def get_preferences(self, user: str, request: Request) -> dict:
-        self._authorize(request)
+        tenant = self._authorize(request)
         oai.check_user_id(user)
-        pref = await asyncio.to_thread(self.store.get, user)
+        pref = await asyncio.to_thread(self.store.get, tenant, user)
         if pref is None:
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return pref.to_dict()
 
     @app.delete("/v1/users/{user}/preferences")
+    @app.delete("/v1/users/{user}")  # everything stored for the user (a right to be forgotten): today, the summary
     async def delete_preferences(self, user: str, request: Request) -> dict:
-        self._authorize(request)
+        tenant = self._authorize(request)
         oai.check_user_id(user)
-        if not await asyncio.to_thread(self.store.delete, user):
+        if not await asyncio.to_thread(self.store.delete, tenant, user):
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return {"user": user, "deleted": True}
 

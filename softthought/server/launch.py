@@ -23,18 +23,27 @@ DEFAULT_CONFIG = Path(__file__).with_name("serve_local.yaml")
 APP_NAME = "softthought"
 
 
-def load_serve_config(path: str | Path | None = None, http: dict | None = None, args: dict | None = None):
-    """Read a Serve config file, apply overrides to http_options and to the softthought app's args, validate."""
+def load_serve_config(path: str | Path | None = None, http: dict | None = None, args: dict | None = None,
+                      replicas: dict[str, int] | None = None):
+    """Read a Serve config file, apply overrides to http_options, to the softthought app's args and to its
+    deployments' replica counts, validate."""
     from ray.serve.schema import ServeDeploySchema
 
     data = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text())
     data.setdefault("http_options", {}).update(http or {})
     apps = data.get("applications") or []
     target = next((a for a in apps if a.get("name") == APP_NAME), apps[0] if len(apps) == 1 else None)
+    if (args or replicas) and target is None:
+        raise ValueError(f"the config has no application named {APP_NAME!r} to apply overrides to")
     if args:
-        if target is None:
-            raise ValueError(f"the config has no application named {APP_NAME!r} to apply overrides to")
         target.setdefault("args", {}).update(args)
+    for name, n in (replicas or {}).items():
+        deployments = target.setdefault("deployments", [])
+        entry = next((d for d in deployments if d.get("name") == name), None)
+        if entry is None:
+            deployments.append(entry := {"name": name})
+        entry.pop("autoscaling_config", None)
+        entry["num_replicas"] = n
     return ServeDeploySchema.model_validate(data)
 
 

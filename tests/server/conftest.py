@@ -13,6 +13,7 @@ from softthought.server.launch import DEFAULT_CONFIG
 from softthought.server.process import ServerProcess, free_port
 
 API_KEY = "test-key"
+OTHER_TENANT_KEY = "test-key-of-another-tenant"
 ADMIN_KEY = "test-admin-key"
 CLI = str(Path(sys.executable).parent / "softthought")
 
@@ -31,8 +32,8 @@ def server(tmp_path_factory, aux_dir):
         tmp / "serve.yaml",
         dtype="float32",  # bit-exact batching, so concurrent results can be compared with single ones
         aux_checkpoint=str(aux_dir),
-        store_path=str(tmp / "prefs.db"),
-        api_keys=[API_KEY],
+        store=str(tmp / "prefs.db"),
+        api_keys={API_KEY: "tenant-a", OTHER_TENANT_KEY: "tenant-b"},
         admin_keys=[ADMIN_KEY],
         checkpoint_roots=[str(tmp_path_factory.getbasetemp())],  # where the tests write the checkpoints they roll out
         max_prompt_tokens=512,

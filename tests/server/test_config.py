@@ -2,7 +2,7 @@
 
 import os
 
-from softthought.server.config import ServerConfig
+from softthought.server.config import ServerConfig, key_tenant
 
 
 def test_admin_keys_come_from_config_and_environment_apart_from_api_keys(monkeypatch):
@@ -10,7 +10,24 @@ def test_admin_keys_come_from_config_and_environment_apart_from_api_keys(monkeyp
     monkeypatch.setenv("SOFTTHOUGHT_API_KEYS", "k2")
     config = ServerConfig(api_keys=["k1"], admin_keys=["a1", ""])
     assert config.resolved_admin_keys() == {"a1", "a2", "a3"}
-    assert config.resolved_api_keys() == {"k1", "k2"}
+    assert set(config.resolved_api_keys()) == {"k1", "k2"}
+
+
+def test_each_key_has_a_tenant(monkeypatch):
+    monkeypatch.setenv("SOFTTHOUGHT_API_KEYS", "k3=shop, k4")
+    config = ServerConfig(api_keys={"k1": "shop", "k2": "bank"})
+    assert config.resolved_api_keys() == {"k1": "shop", "k2": "bank", "k3": "shop", "k4": key_tenant("k4")}
+    listed = ServerConfig(api_keys=["k1", "k2", "k5=bank", "b64key=="]).resolved_api_keys()
+    assert listed["k1"] != listed["k2"] and "k1" not in listed["k1"]  # a plain list: one tenant per key, key unshown
+    assert listed["k5"] == "bank" and listed["b64key=="] == key_tenant("b64key==")
+
+
+def test_the_store_comes_from_config_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOFTTHOUGHT_STORE", "postgresql://app@db/prefs")
+    assert ServerConfig().resolved_store() == "postgresql://app@db/prefs"
+    assert ServerConfig(store_path=str(tmp_path / "a.db")).resolved_store() == str(tmp_path / "a.db")  # the old name
+    monkeypatch.delenv("SOFTTHOUGHT_STORE")
+    assert ServerConfig().resolved_store().endswith("preferences.db")
 
 
 def test_checkpoint_roots_are_absolute_and_include_the_configured_checkpoints_parent(tmp_path):
