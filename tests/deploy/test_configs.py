@@ -86,3 +86,14 @@ def dashboard_metrics() -> set[str]:
     dash = json.loads((ROOT / "grafana/softthought.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     return set(re.findall(r"\b(?:softthought|ray)_[a-z0-9_]+", exprs))
+
+
+def test_the_gpu_deployment_runs_several_ingress_replicas_on_postgresql_from_a_secret():
+    app = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/serve_gpu.yaml").read_text())).applications[0]
+    assert {d.name: d for d in app.deployments}["Ingress"].num_replicas >= 2
+    assert app.args["store"] is None  # from $SOFTTHOUGHT_STORE: a DSN with a password stays out of the config
+    cluster = yaml.safe_load((ROOT / "deploy/rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:  # every node may host an Ingress replica
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["SOFTTHOUGHT_STORE"]["valueFrom"]["secretKeyRef"]["name"] == "softthought-store"

@@ -18,8 +18,8 @@ CHAT = {"model": "softthought", "messages": [{"role": "user", "content": "Say hi
 INTERNALS = re.compile(r"actor|pid=|\b\d{1,3}(\.\d{1,3}){3}\b|ServeReplica|Traceback|ray::", re.IGNORECASE)
 
 
-def replica_pid(deployment: str) -> int:
-    pids = replica_pids(deployment)
+def replica_pid(server, deployment: str) -> int:
+    pids = replica_pids(deployment, server_pid=server.proc.pid)
     assert len(pids) == 1, f"expected one {deployment} replica, found {pids}"
     return pids[0]
 
@@ -42,7 +42,7 @@ def assert_unavailable(resp) -> None:
     assert resp.headers["x-request-id"] in error["message"]
 
 
-def test_a_killed_aux_replica_gives_503s_then_recovers(http):
+def test_a_killed_aux_replica_gives_503s_then_recovers(server, http):
     statuses, stop = [], threading.Event()
 
     def traffic():
@@ -52,7 +52,7 @@ def test_a_killed_aux_replica_gives_503s_then_recovers(http):
             r = http.post("/v1/chat/completions", json={**CHAT, "preference_summary": f"Summary {i}, in French."})
             statuses.append(r)
 
-    pid = replica_pid("Aux")
+    pid = replica_pid(server, "Aux")
     worker = threading.Thread(target=traffic)
     worker.start()
     time.sleep(1)
@@ -67,11 +67,11 @@ def test_a_killed_aux_replica_gives_503s_then_recovers(http):
     for r in statuses:
         if r.status_code == 503:
             assert_unavailable(r)
-    assert replica_pid("Aux") != pid
+    assert replica_pid(server, "Aux") != pid
 
 
-def test_a_stream_that_loses_its_backbone_replica_ends_with_an_error_event(http):
-    pid = replica_pid("Backbone")
+def test_a_stream_that_loses_its_backbone_replica_ends_with_an_error_event(server, http):
+    pid = replica_pid(server, "Backbone")
     body = {**CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
     events = []
     with http.stream("POST", "/v1/chat/completions", json=body) as resp:
