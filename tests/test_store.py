@@ -92,3 +92,12 @@ def test_a_first_release_sqlite_file_opens_and_migrates(tmp_path):
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"schema_version", "preferences", "version_counters"}
+
+
+def test_the_store_benchmark_measures_each_operation(store_url):
+    from softthought.store.bench import measure
+
+    result = measure(store_url, ops=8, threads=2)
+    for op in ("put", "get"):
+        assert 0 < result[op]["p50_ms"] <= result[op]["p99_ms"] and result[op]["per_s_2_threads"] > 0
+    assert open_store(store_url).get("bench", "u7").summary == "summary 7"
