@@ -24,8 +24,8 @@ def _binary(name: str) -> str:
 
 
 class PostgresServer:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, durable: bool = False) -> None:
+        self.port, self.durable = port, durable  # not durable: no fsync, as fits a server thrown away after the tests
         self.root = Path(tempfile.mkdtemp(prefix="softthought-pg-"))
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
@@ -42,7 +42,8 @@ class PostgresServer:
         data = self.root / "data"
         self._run(_binary("initdb"), "-D", str(data), "-U", "softthought", "-A", "trust", "--no-sync", "-E", "UTF8")
         self._run(_binary("pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"), "-w", "start", "-o",
-                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200")
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+                  + ("" if self.durable else " -c fsync=off"))
         self.startup_s = time.perf_counter() - t0
         return self
 
