@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from softthought.loadtest import replica_pids
 from softthought.server.process import ServerProcess, free_port
@@ -23,9 +24,11 @@ CHAT = {"model": "softthought", "messages": [{"role": "user", "content": "Say hi
 @pytest.fixture(scope="module")
 def replicated(postgres, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replicas")
-    port = free_port()
+    port, ray_metrics = free_port(), free_port()
     srv = ServerProcess([CLI, "serve", "--store", postgres.create_database("replicas"), "--ingress-replicas", "2",
-                         "--api-key", KEY, "--port", str(port)], port, tmp / "server.log")
+                         "--api-key", KEY, "--port", str(port), "--ray-metrics-port", str(ray_metrics)], port,
+                        tmp / "server.log")
+    srv.ray_metrics_port = ray_metrics
     srv.start()
     yield srv
     srv.stop()
@@ -41,7 +44,18 @@ def test_two_ingress_replicas_run(replicated):
     assert len(replica_pids("Ingress", server_pid=replicated.proc.pid)) == 2
 
 
-def test_400_preference_requests_from_16_threads_lose_nothing(http):
+def ingress_requests_by_replica(server) -> dict[str, float]:
+    """Requests each Ingress replica handled, from Ray's own metrics (they appear with a delay of seconds)."""
+    text = httpx.get(f"http://127.0.0.1:{server.ray_metrics_port}/metrics", timeout=10).text
+    counts = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "ray_serve_deployment_request_counter_total" and s.labels.get("deployment") == "Ingress":
+                counts[s.labels["replica"]] = counts.get(s.labels["replica"], 0) + s.value
+    return counts
+
+
+def test_400_preference_requests_from_16_threads_lose_nothing(replicated, http):
     versions: dict[str, list[int]] = {f"user-{i % 8}": [] for i in range(16)}
     lock = threading.Lock()
 
@@ -73,6 +87,11 @@ def test_400_preference_requests_from_16_threads_lose_nothing(http):
         final = http.put(f"/v1/users/{user}/preferences", json={"summary": "last"}).json()
         assert final["version"] == 31
         assert http.get(f"/v1/users/{user}/preferences").json() == final
+    deadline = time.monotonic() + 90
+    while len(served := {r: n for r, n in ingress_requests_by_replica(replicated).items() if n >= 50}) < 2:
+        assert time.monotonic() < deadline, served
+        time.sleep(3)
+    print(f"requests per Ingress replica: {served}")  # spread over both
 
 
 def test_killing_one_ingress_replica_costs_only_its_requests(replicated, http):
