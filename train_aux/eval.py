@@ -51,6 +51,17 @@ def users_thoughts(aux: SoftThoughtAux, users: list[dict]) -> list[torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ personalization
+def repetition(text: str, n: int = 4) -> float:
+    """The share of a reply's word n-grams that repeat an earlier one: about 0 for prose, near 1 for a loop
+    ("* * *" over and over). Replies under 2n words count as 0."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if len(words) >= 2 * n else 0.0
+
+
+DEGENERATE = 0.5  # a reply at least half of whose 4-grams repeat: checks it passes (no comma, no forbidden word) are hollow
+
+
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16) -> dict:
     rng = random.Random(seed)
@@ -91,6 +102,8 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
             "all_pass_rate": all_rate, "all_pass_rate_se": _se(all_rate, len(pairs)), "n_responses": len(pairs),
             "mean_prompt_tokens": sum(r.prompt_tokens for r in results) / len(results),
+            "degenerate_rate": (deg := sum(repetition(r.text) >= DEGENERATE for r in results) / len(results)),
+            "degenerate_rate_se": _se(deg, len(results)),
             "per_instruction": {k: {"pass_rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_id.items())},
             "passed": outcomes,
         }
@@ -549,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = {k: report[k] for k in ("n", "soft_minus_none")} | {
             c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")} for c in ("none", "soft")}
     else:
-        summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate")} if k in CONDITIONS else
+        summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate", "degenerate_rate")} if k in CONDITIONS else
                        {name: x for name, x in v.items() if name != "plain_loglik"})
                    for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
     print(json.dumps(summary, indent=2))

@@ -25,6 +25,16 @@ def write_config(path: Path, **args) -> Path:
     return path
 
 
+def start_server(args: list[str], log_dir: Path) -> ServerProcess:
+    """`softthought serve ARGS` on free ports (its HTTP port and Ray's metrics port), healthy."""
+    port, ray_metrics = free_port(), free_port()
+    srv = ServerProcess([CLI, "serve", *args, "--port", str(port), "--ray-metrics-port", str(ray_metrics)], port,
+                        log_dir / "server.log")
+    srv.ray_metrics_port = ray_metrics
+    srv.start()
+    return srv
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, aux_dir):
     tmp = tmp_path_factory.mktemp("server")
@@ -40,11 +50,7 @@ def server(tmp_path_factory, aux_dir):
         max_summary_chars=500,
         max_tokens_limit=256,
     )
-    port, ray_metrics = free_port(), free_port()
-    srv = ServerProcess([CLI, "serve", "--config", str(config), "--port", str(port), "--ray-metrics-port", str(ray_metrics)],
-                        port, tmp / "server.log")
-    srv.ray_metrics_port = ray_metrics
-    srv.start()
+    srv = start_server(["--config", str(config)], tmp)
     yield srv
     srv.stop()
 

@@ -12,9 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from softthought.loadtest import replica_pids
-from softthought.server.process import ServerProcess, free_port
 
-from .conftest import CLI
+from .conftest import start_server
 
 pytestmark = pytest.mark.slow
 KEY = "replicas-key"
@@ -23,13 +22,8 @@ CHAT = {"model": "softthought", "messages": [{"role": "user", "content": "Say hi
 
 @pytest.fixture(scope="module")
 def replicated(postgres, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("replicas")
-    port, ray_metrics = free_port(), free_port()
-    srv = ServerProcess([CLI, "serve", "--store", postgres.create_database("replicas"), "--ingress-replicas", "2",
-                         "--api-key", KEY, "--port", str(port), "--ray-metrics-port", str(ray_metrics)], port,
-                        tmp / "server.log")
-    srv.ray_metrics_port = ray_metrics
-    srv.start()
+    srv = start_server(["--store", postgres.create_database("replicas"), "--ingress-replicas", "2", "--api-key", KEY],
+                       tmp_path_factory.mktemp("replicas"))
     yield srv
     srv.stop()
 

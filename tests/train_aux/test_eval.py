@@ -100,6 +100,15 @@ def test_paired_checks_differences_and_clustered_errors():
         paired_checks(a, b[:-1], pairs)
 
 
+def test_repetition_tells_a_loop_from_prose():
+    from train_aux.eval import DEGENERATE, repetition
+
+    assert repetition("* * *\n" * 24) >= DEGENERATE
+    assert repetition("DON'T TRY TO SEE THE FINISHED STORY, " * 8) >= DEGENERATE
+    prose = "Honey bees produce honey, a vital resource for people and for the plants whose flowers they pollinate."
+    assert repetition(prose) == 0.0 and repetition("Short answer.") == 0.0
+
+
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
@@ -107,6 +116,7 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0)
     for cond in ("none", "text", "soft"):
         assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
+        assert 0 <= report[cond]["degenerate_rate"] <= 1
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
     # paired on the same checks, the mean difference is exactly the difference of the rates
     for a, b in (("none", "soft"), ("text", "soft"), ("none", "text")):
