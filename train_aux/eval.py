@@ -102,8 +102,11 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
             "all_pass_rate": all_rate, "all_pass_rate_se": _se(all_rate, len(pairs)), "n_responses": len(pairs),
             "mean_prompt_tokens": sum(r.prompt_tokens for r in results) / len(results),
-            "degenerate_rate": (deg := sum(repetition(r.text) >= DEGENERATE for r in results) / len(results)),
+            "degenerate_rate": (deg := sum(loops := [repetition(r.text) >= DEGENERATE for r in results]) / len(results)),
             "degenerate_rate_se": _se(deg, len(results)),
+            # checks passed by replies that are not loops: what a reader would grant
+            "sound_check_pass_rate": sum(sum(o) for o, loop in zip(outcomes, loops) if not loop) / n_checks,
+            "degenerate": loops,
             "per_instruction": {k: {"pass_rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_id.items())},
             "passed": outcomes,
         }
@@ -562,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = {k: report[k] for k in ("n", "soft_minus_none")} | {
             c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")} for c in ("none", "soft")}
     else:
-        summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate", "degenerate_rate")} if k in CONDITIONS else
+        summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate", "degenerate_rate",
+                                                              "sound_check_pass_rate")} if k in CONDITIONS else
                        {name: x for name, x in v.items() if name != "plain_loglik"})
                    for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
     print(json.dumps(summary, indent=2))

@@ -116,7 +116,8 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0)
     for cond in ("none", "text", "soft"):
         assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
-        assert 0 <= report[cond]["degenerate_rate"] <= 1
+        assert 0 <= report[cond]["degenerate_rate"] <= 1 and len(report[cond]["degenerate"]) == 3
+        assert report[cond]["sound_check_pass_rate"] <= report[cond]["check_pass_rate"]
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
     # paired on the same checks, the mean difference is exactly the difference of the rates
     for a, b in (("none", "soft"), ("text", "soft"), ("none", "text")):
