@@ -85,3 +85,17 @@ def check(response: str, instruction_id: str, kwargs: dict | None = None) -> boo
 
 def check_all(response: str, checks: list[dict]) -> list[bool]:
     return [check(response, c["instruction_id"], c.get("kwargs")) for c in checks]
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """The share of a reply's word n-grams that repeat an earlier one: about 0 for prose, near 1 for a loop
+    ("* * *" over and over). Replies under 2n words count as 0."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if len(words) >= 2 * n else 0.0
+
+
+def is_loop(text: str) -> bool:
+    """A degenerate reply: at least half of its 4-grams repeat. Checks it passes (no comma, no forbidden word) are
+    hollow, and as a training target it teaches looping."""
+    return repetition(text) >= 0.5

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checks import check, check_all
+from .checks import check, check_all, is_loop
 from .paths import shared_data
 from .users import LANGUAGE_NAMES, LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
 
@@ -54,6 +54,12 @@ def qa_texts(answers: list[dict]) -> list[str]:
     answer: the shape multiple-choice benchmarks are scored in (a short question, then a short continuation after
     "Answer:"), built from none of their items."""
     return [f"Question: {a['prompt']}\nAnswer: {first_sentence(a['answer'])}" for a in answers]
+
+
+def reply_texts(answers: list[dict]) -> list[str]:
+    """The same with the backbone's whole answer after "Answer:" (those that do not loop): under a KL on them the
+    thoughts learn to leave a long continuation as the backbone writes it, the stretch where their replies loop."""
+    return [f"Question: {a['prompt']}\nAnswer: {a['answer']}" for a in answers if not is_loop(a["answer"])]
 
 
 def prompt_pool(seed: int = 0) -> list[str]:

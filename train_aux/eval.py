@@ -27,7 +27,7 @@ from softthought.backbone import Backbone, load_backbone
 from softthought.generation import Engine, SamplingParams
 from softthought.splice import Prompt, build_chat_prompt, hide, hiding_mask, left_pad, with_system_text
 
-from .checks import check_all
+from .checks import check_all, is_loop
 from .data import read_jsonl, summary_before
 from .ifeval_phrasings import split_of
 from .paths import shared_data
@@ -51,17 +51,6 @@ def users_thoughts(aux: SoftThoughtAux, users: list[dict]) -> list[torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ personalization
-def repetition(text: str, n: int = 4) -> float:
-    """The share of a reply's word n-grams that repeat an earlier one: about 0 for prose, near 1 for a loop
-    ("* * *" over and over). Replies under 2n words count as 0."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if len(words) >= 2 * n else 0.0
-
-
-DEGENERATE = 0.5  # a reply at least half of whose 4-grams repeat: checks it passes (no comma, no forbidden word) are hollow
-
-
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16) -> dict:
     rng = random.Random(seed)
@@ -102,7 +91,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
             "all_pass_rate": all_rate, "all_pass_rate_se": _se(all_rate, len(pairs)), "n_responses": len(pairs),
             "mean_prompt_tokens": sum(r.prompt_tokens for r in results) / len(results),
-            "degenerate_rate": (deg := sum(loops := [repetition(r.text) >= DEGENERATE for r in results]) / len(results)),
+            "degenerate_rate": (deg := sum(loops := [is_loop(r.text) for r in results]) / len(results)),
             "degenerate_rate_se": _se(deg, len(results)),
             # checks passed by replies that are not loops: what a reader would grant
             "sound_check_pass_rate": sum(sum(o) for o, loop in zip(outcomes, loops) if not loop) / n_checks,

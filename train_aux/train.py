@@ -34,7 +34,8 @@ from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.splice import Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
-from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, summary_before
+from .checks import is_loop
+from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, reply_texts, summary_before
 
 
 class TrainConfig(BaseModel):
@@ -75,7 +76,7 @@ class TrainConfig(BaseModel):
     # Which plain text the KL runs on: BoolQ passages ending in their question, or "Question: ...\nAnswer:
     # ..." built from the training prompts and the backbone's own answers (the KL then also covers the tokens after
     # "Answer:", where multiple-choice benchmarks score their continuations), or both.
-    preserve_texts: Literal["boolq", "qa", "boolq+qa"] = "boolq"
+    preserve_texts: Literal["boolq", "qa", "boolq+qa", "replies", "qa+replies"] = "boolq"
     # Whose next-token distributions the thoughts are held to on that text: the plain backbone's, or those of the
     # backbone reading the same user's summary written before the text (the condition the thoughts stand in for).
     preserve_teacher: Literal["plain", "text"] = "plain"
@@ -126,11 +127,13 @@ class Examples:
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
                  keywords_first: bool = False) -> None:
-        self.answers = answers
+        # the backbone's own answers that loop (2 % of them) would teach the thoughts to loop: left out
+        self.answers = [a for a in answers if not is_loop(a["answer"])]
         self.keywords_first = keywords_first
         self.by_language: dict[str, list[dict]] = {}
         for row in language_answers:
-            self.by_language.setdefault(row["language"], []).append(row)
+            if not is_loop(row["answer"]):
+                self.by_language.setdefault(row["language"], []).append(row)
         self.users = [u for u in users if (lang := _language(u)) is None or lang in self.by_language]
         self.rng = random.Random(seed)
 
@@ -140,7 +143,7 @@ class Examples:
             lang = _language(user)
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
-            if target is not None:
+            if target is not None and not is_loop(target):
                 # an answer in another language is weighed against itself: were all of it counted as edited (against
                 # the plain answer), these few users' whole replies outweighed every other preference's edits
                 return Example(user["summary"], row["prompt"], target, row["answer"],
@@ -361,7 +364,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
-        raw = (boolq_texts() if "boolq" in cfg.preserve_texts else []) + (qa_texts(answers) if "qa" in cfg.preserve_texts else [])
+        raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),
+               *(reply_texts(answers) if "replies" in cfg.preserve_texts else [])]
         texts = preservation_texts(backbone.tokenizer, raw, cfg.preserve_tokens)
     start = 0
     if state:

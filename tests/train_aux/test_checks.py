@@ -74,3 +74,11 @@ def test_a_borderline_text_gets_the_same_decision_every_time():
     for text in ("THE ANSWER TO THAT QUESTION IS NO, THERE IS NO SUCH PLACE AS GARRISON COLORADO.",
                  "THE JEB'SONS, A CLASSIC AMERICAN FAMILY DRAMA, HAS INDEED BEEN REIMAGINED IN VARIOUS WAYS."):
         assert len({check(text, "change_case:english_capital") for _ in range(40)}) == 1
+
+
+def test_a_loop_is_told_from_prose():
+    from train_aux.checks import is_loop, repetition
+
+    assert is_loop("* * *\n" * 24) and is_loop("DON'T TRY TO SEE THE FINISHED STORY, " * 8)
+    prose = "Honey bees produce honey, a vital resource for people and for the plants whose flowers they pollinate."
+    assert repetition(prose) == 0.0 and not is_loop(prose) and not is_loop("No, no, no.")  # too short to judge

@@ -92,3 +92,12 @@ def test_keywords_first_open_the_reply_and_still_satisfy_every_check():
         assert all(check_all(t, u["checks"]))
     plain = [t for u, t in ok if set(u["kinds"]) <= {"keywords", "keyword_frequency", "no_comma", "forbidden"}]
     assert plain and all(t.startswith(("Think of", "This reminds", "Like", "Picture a", "A ")) for t in plain)
+
+
+def test_reply_texts_keep_whole_answers_that_do_not_loop():
+    from train_aux.data import reply_texts
+
+    answers = [{"prompt": "Why is the sky blue?", "answer": "Sunlight scatters. Blue scatters most, so the sky looks blue."},
+               {"prompt": "Say no.", "answer": "No, no, no, " * 20}]
+    assert reply_texts(answers) == ["Question: Why is the sky blue?\nAnswer: Sunlight scatters. Blue scatters most, so the "
+                                    "sky looks blue."]

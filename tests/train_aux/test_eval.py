@@ -100,15 +100,6 @@ def test_paired_checks_differences_and_clustered_errors():
         paired_checks(a, b[:-1], pairs)
 
 
-def test_repetition_tells_a_loop_from_prose():
-    from train_aux.eval import DEGENERATE, repetition
-
-    assert repetition("* * *\n" * 24) >= DEGENERATE
-    assert repetition("DON'T TRY TO SEE THE FINISHED STORY, " * 8) >= DEGENERATE
-    prose = "Honey bees produce honey, a vital resource for people and for the plants whose flowers they pollinate."
-    assert repetition(prose) == 0.0 and repetition("Short answer.") == 0.0
-
-
 def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()

@@ -186,3 +186,12 @@ def test_copy_thoughts_train_from_an_init_checkpoint_and_learn_to_point(tmp_path
     losses = [e["loss"] for e in events if "loss" in e]
     assert events[-1]["backbone_fingerprint_after"] == tiny.fingerprint
     assert sum(losses[-5:]) < sum(losses[:5])  # the pointer loss is learnable: it falls
+
+
+def test_examples_leave_out_the_backbones_answers_that_loop():
+    from train_aux.train import Examples
+
+    user = {"user": "u", "summary": "Use no commas.", "checks": [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]}
+    answers = [{"prompt": "Why?", "answer": "No, no, no, " * 20}, {"prompt": "How?", "answer": "Slowly, with care and patience."}]
+    examples = Examples([user], answers, seed=0)
+    assert {examples.sample().answer for _ in range(20)} == {"Slowly, with care and patience."}
