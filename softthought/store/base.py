@@ -78,12 +78,16 @@ class PreferenceStore(ABC):
     def _tables(self, run: Run) -> set[str]:
         """Names of the tables that exist."""
 
+    def _lock_schema(self, run: Run) -> None:  # noqa: B027 - SQLite's write transaction already excludes the others
+        """Keep other processes from migrating until this transaction ends."""
+
     def close(self) -> None:  # noqa: B027 - backends with a pool close it
         pass
 
     # -------------------------------------------------------------------------- schema
     def _migrate(self) -> None:
         with self._transaction() as run:
+            self._lock_schema(run)
             tables = self._tables(run)
             if "schema_version" in tables:
                 version = run("SELECT version FROM schema_version", ())[0][0]

@@ -30,8 +30,10 @@ class PostgresStore(PreferenceStore):
 
             yield run
 
-    def _tables(self, run: Run) -> set[str]:
+    def _lock_schema(self, run: Run) -> None:
         run("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+
+    def _tables(self, run: Run) -> set[str]:
         return {r[0] for r in run("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()", ())}
 
     def close(self) -> None:
