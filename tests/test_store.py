@@ -101,3 +101,12 @@ def test_the_store_benchmark_measures_each_operation(store_url):
     for op in ("put", "get"):
         assert 0 < result[op]["p50_ms"] <= result[op]["p99_ms"] and result[op]["per_s_2_threads"] > 0
     assert open_store(store_url).get("bench", "u7").summary == "summary 7"
+
+
+def test_replicas_opening_a_fresh_store_together_create_it_once(store_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: open_store(store_url), range(4)))  # each would create the tables alone
+    assert [s.schema_version() for s in stores] == [SCHEMA_VERSION] * 4
+    assert stores[0].put("t", "u", "x").version == 1 and stores[3].get("t", "u").summary == "x"
