@@ -111,9 +111,8 @@ async def request(client: httpx.AsyncClient, kind: str, body: dict, deadline_s: 
             out.retries += 1
             await asyncio.sleep(pause)
             continue
-        out.ok, out.detail = verdict == "ok", "" if verdict == "ok" else verdict.removeprefix("lost: ")
-        if verdict == "retry":
-            out.detail = "still unavailable at the deadline"
+        out.ok = verdict == "ok"
+        out.detail = "still unavailable at the deadline" if verdict == "retry" else verdict.removeprefix("lost: ")
         out.ended = time.monotonic()
         return out
 
@@ -221,14 +220,12 @@ async def kill_under_load(client: httpx.AsyncClient, deployment: str, n: int, co
     if not pids:
         raise RuntimeError(f"no {deployment} replica runs on this machine: --kill needs the server to run here")
     phase = Phase(f"kill -9 {deployment}")
-    killed = asyncio.Event()
-    kill_at: list[float] = []
+    kill_at: list[float] = []  # when the replica was killed, once it was
 
     def progress(done: int):
-        if not killed.is_set() and done >= n // 4:
+        if not kill_at and done >= n // 4:
             os.kill(pids[0], signal.SIGKILL)
             kill_at.append(time.monotonic())
-            killed.set()
 
     phase.outcomes = await load(client, n, concurrency, users, max_tokens, 300, seed, progress)
     after = [o.ended for o in phase.outcomes if o.ok and kill_at and o.started > kill_at[0]]
@@ -261,11 +258,11 @@ async def run(url: str, api_key: str | None, requests: int, concurrency: int, di
         lost_writes = await lost_preferences(client, acked)
     report = {"url": url, "phases": {p.name: p.summary() for p in phases},
               "preference_writes": {"acknowledged": len(acked), "lost": len(lost_writes)}}
+    lost = sum(s["lost"] for s in report["phases"].values()) + len(lost_writes)
     if disconnect:
         report["disconnects"] = leak
-    report["lost"] = (sum(p.summary()["lost"] for p in phases) + len(lost_writes)
-                      + (leak["in_flight_after"] + leak["steps_shared_with_left_running_generations"]
-                         + (not leak["lone_request_ok"]) if disconnect else 0))
+        lost += leak["in_flight_after"] + leak["steps_shared_with_left_running_generations"] + (not leak["lone_request_ok"])
+    report["lost"] = lost
     return report
 
 

@@ -32,18 +32,18 @@ def counter_key(tenant: str, user: str) -> str:
     return hashlib.sha256(f"{tenant}\x00{user}".encode()).hexdigest()
 
 
-_LATEST = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE preferences (
-    tenant TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    summary TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (tenant, user_id)
-);
-CREATE TABLE version_counters (user_key TEXT PRIMARY KEY, version BIGINT NOT NULL)
-"""
+_SCHEMA_VERSION_TABLE = "CREATE TABLE schema_version (version INTEGER NOT NULL)"
+_TABLES = (  # the latest schema's data tables
+    """CREATE TABLE preferences (
+        tenant TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, user_id)
+    )""",
+    "CREATE TABLE version_counters (user_key TEXT PRIMARY KEY, version BIGINT NOT NULL)",
+)
 SCHEMA_VERSION = 2
 
 
@@ -53,7 +53,7 @@ def _migrate_1_to_2(run: Run) -> None:
     rows = run('SELECT "user", summary, version, updated_at FROM preferences', ())
     retired = dict(run('SELECT "user", version FROM retired_versions', ()))
     run("ALTER TABLE preferences RENAME TO preferences_v1", ())
-    for statement in _LATEST.split(";")[1:]:
+    for statement in _TABLES:
         run(statement, ())
     for user, summary, version, updated_at in rows:
         run("INSERT INTO preferences VALUES (?, ?, ?, ?, ?)", (DEFAULT_TENANT, user, summary, version, updated_at))
@@ -93,10 +93,10 @@ class PreferenceStore(ABC):
                 version = run("SELECT version FROM schema_version", ())[0][0]
             elif "preferences" in tables:
                 version = 1  # the first release kept no schema version
-                run("CREATE TABLE schema_version (version INTEGER NOT NULL)", ())
+                run(_SCHEMA_VERSION_TABLE, ())
                 run("INSERT INTO schema_version VALUES (1)", ())
             else:
-                for statement in _LATEST.split(";"):
+                for statement in (_SCHEMA_VERSION_TABLE, *_TABLES):
                     run(statement, ())
                 run("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
                 return
