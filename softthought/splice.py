@@ -22,6 +22,28 @@ class PromptError(ValueError):
     """A prompt that cannot be built (bad roles, marker in user text, template failure)."""
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a checkpoint's thoughts go in a prompt, and which positions read them.
+
+    `at_end`: after the whole rendered prompt, generation header included; the prompt is then the plain backbone's,
+    token for token and position for position, no text reads the thoughts and no mask is needed, and every prompt
+    shares its prefix with the plain one's (a prefix cache serves them all). Otherwise they open the system turn
+    (or the raw prompt) and `reply_only` hides them from the prompt's text after them (`Prompt.reply_only`).
+    """
+
+    at_end: bool = False
+    reply_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.at_end and self.reply_only:
+            raise ValueError("thoughts at the end of the prompt are read by the reply only already")
+
+
+#: The thoughts opening the system turn, read by every later position: a checkpoint's placement by default.
+OPENING = Placement()
+
+
 @dataclass
 class Prompt:
     """A prompt as an ordered list of token-id pieces and soft-thought blocks.
@@ -111,27 +133,37 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 def build_chat_prompt(
     tokenizer, messages: Sequence[dict], thoughts: torch.Tensor | None = None, add_generation_prompt: bool = True,
-    reply_only: bool = False,
+    placement: Placement = OPENING,
 ) -> Prompt:
-    """Tokenized chat prompt; with `thoughts` [K, hidden] they sit where the marker was rendered."""
+    """Tokenized chat prompt; `thoughts` [K, hidden], if any, where `placement` puts them: after the whole prompt,
+    or where the marker was rendered."""
     _check_messages(messages)
-    if thoughts is None:
-        return Prompt([_tokenize(tokenizer, _render(tokenizer, list(messages), add_generation_prompt))])
+    if thoughts is None or placement.at_end:
+        ids = _tokenize(tokenizer, _render(tokenizer, list(messages), add_generation_prompt))
+        return Prompt([ids] if thoughts is None else [ids, thoughts])
     before, after = render_chat_with_marker(tokenizer, messages, add_generation_prompt).split(THOUGHT_MARKER)
-    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)], reply_only)
+    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)], placement.reply_only)
 
 
-def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None, reply_only: bool = False) -> Prompt:
-    """Raw completion prompt (no chat template); thoughts, if any, come first, after a BOS if the model uses one."""
+def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None,
+                      placement: Placement = OPENING) -> Prompt:
+    """Raw completion prompt (no chat template); thoughts, if any, after the text (`placement.at_end`) or first,
+    after a BOS if the model uses one."""
     if THOUGHT_MARKER in text:
         raise PromptError("prompt contains the reserved soft-thought marker")
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return text_prompt(tokenizer(text, add_special_tokens=True)["input_ids"], thoughts, placement, tokenizer.bos_token_id)
+
+
+def text_prompt(ids: list[int], thoughts: torch.Tensor | None, placement: Placement = OPENING,
+                bos: int | None = None) -> Prompt:
+    """Plain-text token ids with the thoughts placed: after them, or before them (after a leading `bos`)."""
     if thoughts is None:
         return Prompt([ids])
-    bos = tokenizer.bos_token_id
+    if placement.at_end:
+        return Prompt([ids, thoughts])
     if ids and bos is not None and ids[0] == bos:
-        return Prompt([[bos], thoughts, ids[1:]], reply_only)
-    return Prompt([thoughts, ids], reply_only)
+        return Prompt([[bos], thoughts, ids[1:]], placement.reply_only)
+    return Prompt([thoughts, ids], placement.reply_only)
 
 
 def embed_prompt(embedding: torch.nn.Module, prompt: Prompt) -> torch.Tensor:

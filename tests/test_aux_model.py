@@ -57,6 +57,7 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, format_version=99), "format_version"),
         (lambda d: _edit_config(d, surprise=1), "unknown fields"),
         (lambda d: _edit_config(d, thoughts_seen_by="prompt"), "thoughts_seen_by must be one of"),
+        (lambda d: _edit_config(d, thoughts_at="start"), "thoughts_at must be one of"),
         (lambda d: _edit_config(d, num_thoughts="eight"), "num_thoughts must be of type int, got 'eight'"),
         (lambda d: _edit_config(d, num_heads=0), "must be positive"),
         (lambda d: _edit_config(d, copy_thoughts=True), "copy_thoughts must be of type int"),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from softthought.generation import Engine, SamplingParams
-from softthought.splice import build_chat_prompt, embed_prompt, hiding_mask, left_pad
+from softthought.splice import Placement, build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 CONVERSATIONS = [
@@ -173,7 +173,7 @@ def test_reply_only_thoughts_decode_as_a_full_forward_that_hides_them_from_the_p
     th = torch.randn(4, tiny.hidden_size, generator=g) * tiny.embed_norm
     table = tiny.model.get_input_embeddings()
     chat = [{"role": "user", "content": "The quick brown fox jumps"}]
-    prompt = build_chat_prompt(tiny.tokenizer, chat, th, reply_only=True)
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=Placement(reply_only=True))
     expected = []  # greedy, one full forward per token, no cache
     with torch.no_grad():
         for _ in range(10):
@@ -190,11 +190,29 @@ def test_reply_only_thoughts_decode_as_a_full_forward_that_hides_them_from_the_p
     assert engine.generate([seen], params)[0].token_ids != expected  # the mask matters
 
 
+def test_thoughts_at_the_end_decode_as_a_full_forward_alone_and_batched(tiny):
+    """The engine reads end-placed thoughts after the plain prompt, as one full forward per token does."""
+    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(2)) * tiny.embed_norm
+    table, end = tiny.model.get_input_embeddings(), Placement(at_end=True)
+    chat = [{"role": "user", "content": "The quick brown fox jumps"}]
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=end)
+    expected = []
+    with torch.no_grad():
+        for _ in range(10):
+            embeds = torch.cat([embed_prompt(table, prompt), table(torch.tensor(expected, dtype=torch.long))])[None]
+            expected.append(int(tiny.model(inputs_embeds=embeds).logits[0, -1].argmax()))
+    engine, params = Engine(tiny), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    other = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}], th * 0.5, placement=end)
+    assert engine.generate([prompt], params)[0].token_ids == expected
+    assert engine.generate([other, prompt], params)[1].token_ids == expected
+    assert engine.generate([build_chat_prompt(tiny.tokenizer, chat, th)], params)[0].token_ids != expected
+
+
 def test_reply_only_prompt_past_a_sliding_window_is_refused(sliding):
     bb, _ = sliding
     th = torch.zeros(2, bb.hidden_size)
     long = build_chat_prompt(bb.tokenizer, [{"role": "user", "content": "The quick brown fox jumps over the lazy dog"}], th,
-                             reply_only=True)
+                             placement=Placement(reply_only=True))
     with pytest.raises(ValueError, match="sliding window of 8"):
         Engine(bb).add(long, GREEDY)
 

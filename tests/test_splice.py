@@ -3,6 +3,7 @@ import torch
 
 from softthought.splice import (
     THOUGHT_MARKER,
+    Placement,
     PromptError,
     build_chat_prompt,
     build_text_prompt,
@@ -121,8 +122,8 @@ def test_reply_only_thoughts_are_seen_by_the_prompts_last_position_alone(tiny, c
 
     def build(reply_only):
         if chat:
-            return build_chat_prompt(tok, MESSAGES, th, reply_only=reply_only)
-        return build_text_prompt(tok, "The quick brown fox jumps over", th, reply_only=reply_only)
+            return build_chat_prompt(tok, MESSAGES, th, placement=Placement(reply_only=reply_only))
+        return build_text_prompt(tok, "The quick brown fox jumps over", th, placement=Placement(reply_only=reply_only))
 
     p = build(True)
     a, b, c = p.hidden_thoughts()
@@ -157,3 +158,18 @@ def test_left_pad_masks_and_positions():
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert pos.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert torch.equal(embeds[0, 2:], a) and torch.equal(embeds[0, :2], torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_thoughts_at_the_end_follow_the_plain_prompt_token_for_token(tiny, chat):
+    """At the end the prompt is the plain one, generation header included, then the thoughts: no mask, and every
+    user's prompt shares its prefix with the plain prompt."""
+    tok, th, end = tiny.tokenizer, _thoughts(tiny, k=3), Placement(at_end=True)
+    if chat:
+        plain, p = build_chat_prompt(tok, MESSAGES), build_chat_prompt(tok, MESSAGES, th, placement=end)
+    else:
+        plain, p = (build_text_prompt(tok, "The quick brown fox", t, placement=end) for t in (None, th))
+    assert p.segments[0] == plain.token_ids and p.segments[1] is th and len(p.segments) == 2
+    assert p.hidden_thoughts() is None and p.num_tokens == len(plain.token_ids) + 3
+    with pytest.raises(ValueError, match="reply only already"):
+        Placement(at_end=True, reply_only=True)

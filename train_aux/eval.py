@@ -25,7 +25,18 @@ from tqdm import tqdm
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone
 from softthought.generation import Engine, SamplingParams
-from softthought.splice import Prompt, build_chat_prompt, hide, hiding_mask, left_pad, with_system_text
+from softthought.splice import (
+    OPENING,
+    Placement,
+    Prompt,
+    build_chat_prompt,
+    embed_prompt,
+    hide,
+    hiding_mask,
+    left_pad,
+    text_prompt,
+    with_system_text,
+)
 
 from .checks import check_all, is_loop
 from .data import read_jsonl, summary_before
@@ -72,7 +83,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             elif cond == "text":
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
-                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], reply_only=aux.reply_only))
+                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement))
         # all at once: the engine keeps `batch` sequences running and refills slots as replies finish
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = engine.generate(built, params)
@@ -172,7 +183,7 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
                     "pairs": [[item["key"], u["user"]] for item, u in pairs]}
     for cond in ("none", "soft"):
         built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
-                                   thoughts[u["user"]] if cond == "soft" else None, reply_only=aux.reply_only)
+                                   thoughts[u["user"]] if cond == "soft" else None, placement=aux.placement)
                  for item, u in pairs]
         print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
@@ -218,16 +229,12 @@ def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[
     return ctx, whole[len(ctx):]
 
 
-def _text_prompt(context: list[int], thoughts: torch.Tensor | None, reply_only: bool) -> Prompt:
-    """The context as a plain-text prompt, thoughts first: what `Prompt.hidden_thoughts` reads the hidden span off."""
-    return Prompt([context] if thoughts is None else [thoughts, context], reply_only)
-
-
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
-                   desc: str = "loglik", reply_only: bool = False) -> list[float]:
-    """Sum of log p(continuation | [thoughts] + context) for each (context ids, continuation ids, thoughts).
-    `reply_only`: the context, but its last position, does not see the thoughts (`Prompt.reply_only`)."""
+                   desc: str = "loglik", placement: Placement = OPENING) -> list[float]:
+    """Sum of log p(continuation | context with the thoughts placed) for each (context ids, continuation ids,
+    thoughts): the thoughts before the context, or after it (`placement.at_end`), where a chat prompt's end is.
+    `placement.reply_only`: the context, but its last position, does not see them (`Prompt.reply_only`)."""
     table = backbone.model.get_input_embeddings()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     out = [0.0] * len(requests)
@@ -236,12 +243,10 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
         seqs, conts, prompts = [], [], []
         for i in idx:
             ctx, cont, thoughts = requests[i]
-            emb = table(torch.tensor(ctx + cont))
-            if thoughts is not None:
-                emb = torch.cat([thoughts.to(emb.dtype), emb])
-            seqs.append(emb)
+            prompt = text_prompt(ctx, thoughts, placement)
+            seqs.append(embed_prompt(table, Prompt([*prompt.segments, cont])))
             conts.append(cont)
-            prompts.append(_text_prompt(ctx, thoughts, reply_only))
+            prompts.append(prompt)
         embeds, mask, positions = left_pad(seqs)
         length = embeds.shape[1]
         hidden = [p.hidden_thoughts(length - len(e)) for p, e in zip(prompts, seqs)]
@@ -255,11 +260,11 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
 
 @torch.inference_mode()
 def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[int], list[list[int]], torch.Tensor | None]],
-                                  batch: int = 16, desc: str = "loglik", reply_only: bool = False) -> list[list[float]]:
+                                  batch: int = 16, desc: str = "loglik", placement: Placement = OPENING) -> list[list[float]]:
     """The same sums as `loglikelihoods`, for each continuation of each (context ids, [continuation ids], thoughts),
-    with the context read once: one row holds [thoughts] + context + every continuation, each continuation attending
-    to the context and to itself only and numbered as if it alone followed the context. An item's choices share
-    their context, so this reads 2-3x fewer tokens. `reply_only`: as in `loglikelihoods`."""
+    with the context read once: one row holds the context with its thoughts placed, then every continuation, each
+    continuation attending to that prefix and to itself only and numbered as if it alone followed it. An item's
+    choices share their context, so this reads 2-3x fewer tokens. `placement`: as in `loglikelihoods`."""
     table, dtype = backbone.model.get_input_embeddings(), backbone.dtype
     decoder, head = backbone.model.get_decoder(), backbone.model.get_output_embeddings()
     window = getattr(backbone.model.config, "sliding_window", None)
@@ -271,11 +276,10 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
         reads = []  # per continuation: its item, and the (row, position, token) of each of its tokens
         for r, i in enumerate(idx):
             ctx, conts, thoughts = groups[i]
-            emb = table(torch.tensor(ctx + [t for c in conts for t in c]))
-            if thoughts is not None:
-                emb = torch.cat([thoughts.to(emb.dtype), emb])
-            prefix = emb.shape[0] - sum(map(len, conts))  # thoughts + context
-            hidden_spans.append(_text_prompt(ctx, thoughts, reply_only).hidden_thoughts())  # rows start at position 0
+            prompt = text_prompt(ctx, thoughts, placement)
+            emb = embed_prompt(table, Prompt([*prompt.segments, [t for c in conts for t in c]]))
+            prefix = prompt.num_tokens  # context and thoughts
+            hidden_spans.append(prompt.hidden_thoughts())  # rows start at position 0
             seg, pos, at = [0] * prefix, list(range(prefix)), prefix
             for s, cont in enumerate(conts, 1):
                 seg += [s] * len(cont)
@@ -315,12 +319,12 @@ def scoring_name(shared_context: bool) -> str:
 
 
 def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False,
-               reply_only: bool = False) -> list[list[float]]:
+               placement: Placement = OPENING) -> list[list[float]]:
     """log p(choice | [prefix] + context) of each choice of each item, rounded to 4 decimals (as cached in reports).
     prefixes[i] goes before item i's context: None, soft thoughts [K, hidden], or a text summary (written out
     before the context, as a plain prompt would carry it). `shared_context` reads each context once for all its
     choices (`shared_context_loglikelihoods`); the default scores each choice on its own, as lm-eval does.
-    `reply_only`: the thoughts are read by the continuation only (`Prompt.reply_only`)."""
+    `placement`: where the thoughts go and who reads them (`loglikelihoods`)."""
     tok = backbone.tokenizer
     groups = []
     for item, prefix in zip(items, prefixes):
@@ -328,10 +332,10 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str,
         pairs = [_encode_pair(tok, context, choice) for choice in item["choices"]]
         groups.append((pairs[0][0], [cont for _, cont in pairs], prefix if isinstance(prefix, torch.Tensor) else None))
     if shared_context:
-        scores = shared_context_loglikelihoods(backbone, groups, desc=desc, reply_only=reply_only)
+        scores = shared_context_loglikelihoods(backbone, groups, desc=desc, placement=placement)
     else:
         flat = loglikelihoods(backbone, [(ctx, cont, th) for ctx, conts, th in groups for cont in conts], desc=desc,
-                              reply_only=reply_only)
+                              placement=placement)
         bounds = np.cumsum([0] + [len(conts) for _, conts, _ in groups])
         scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [[round(x, 4) for x in s] for s in scores]
@@ -431,7 +435,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = score_task(backbone, [item for _ in rounds for item in items],
                               [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}",
-                              shared_context, name == "soft" and aux.reply_only)
+                              shared_context, aux.placement if name == "soft" else OPENING)
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
@@ -458,7 +462,7 @@ def scoring_bench(backbone: Backbone, aux: SoftThoughtAux | None, users: list[di
         for shared in (False, True):
             start = time.perf_counter()
             scores[shared] = score_task(backbone, items, item_prefixes, f"{task}/{scoring_name(shared)}", shared,
-                                        aux is not None and aux.reply_only)
+                                        aux.placement if aux is not None else OPENING)
             seconds[scoring_name(shared)] = round(time.perf_counter() - start, 2)
         norm = [correctness(items, scores[shared]) for shared in (False, True)]
         out[task] = {"seconds": seconds, "speedup": round(seconds[PER_CHOICE] / seconds[SHARED_CONTEXT], 2),

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
-from softthought.splice import Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad
+from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
 from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, reply_texts, summary_before
@@ -83,6 +83,10 @@ class TrainConfig(BaseModel):
     # Which positions attend to the thoughts (the checkpoint's `thoughts_seen_by`): every later one, or only the
     # reply's, so that the prompt is read as without them. None keeps the --init/--resume checkpoint's (new: all).
     thoughts_seen_by: Literal["all", "reply"] | None = None
+    # Where the thoughts go (the checkpoint's `thoughts_at`): opening the system turn, or after the whole prompt,
+    # generation header included (no text reads them, and every prompt shares the plain prompt's prefix cache).
+    # None keeps the --init/--resume checkpoint's (new: system).
+    thoughts_at: Literal["system", "end"] | None = None
     preserve_batch: int = 4
     preserve_tokens: int = 96
     grad_clip: float = 1.0
@@ -249,26 +253,27 @@ def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple
 
 
 def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tuple[list[int], int]],
-                      teacher_prefixes: list[list[int]] | None = None, reply_only: bool = False) -> torch.Tensor:
-    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] before the ids of
-    texts[i] = (ids, reply start). The teacher is the plain backbone reading the ids alone, or with
-    `teacher_prefixes[i]` (token ids) before them. `reply_only`: the text before its reply start does not see the
-    thoughts (`Prompt.reply_only`), and the KL runs over the positions that do."""
+                      teacher_prefixes: list[list[int]] | None = None, placement: Placement = OPENING) -> torch.Tensor:
+    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] placed in the ids of
+    texts[i] = (ids, reply start): before them, or after the reply start (`placement.at_end`). The teacher is the plain
+    backbone reading the ids alone, or with `teacher_prefixes[i]` (token ids) before them. When the text before its
+    reply start does not see the thoughts (`placement.reply_only`, or at the end), the KL runs over the positions that
+    do: the reply's, predicted from its start on."""
     table = backbone.model.get_input_embeddings()
-    plain = [table(torch.tensor(ids)) for ids, _ in texts]
     with torch.no_grad():
         prefixes = teacher_prefixes or [[] for _ in texts]
         embeds, mask, positions = left_pad([table(torch.tensor(pre + ids)) for pre, (ids, _) in zip(prefixes, texts)])
         reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    embeds, mask, positions = left_pad([torch.cat([th.to(e.dtype), e]) for th, e in zip(thoughts, plain)])
+    prompts = [text_prompt(ids[: start + 1], th, placement) for th, (ids, start) in zip(thoughts, texts)]
+    rows = [embed_prompt(table, Prompt([*p.segments, ids[start + 1 :]])) for p, (ids, start) in zip(prompts, texts)]
+    embeds, mask, positions = left_pad(rows)
     length = mask.shape[1]
-    hidden = [Prompt([th, ids[: start + 1]], reply_only).hidden_thoughts(length - len(ids) - len(th))
-              for th, (ids, start) in zip(thoughts, texts)]
+    hidden = [p.hidden_thoughts(length - len(row)) for p, row in zip(prompts, rows)]
     student = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
                              position_ids=positions).logits
     total = 0.0
     for i, (ids, start) in enumerate(texts):  # left padding: a text's positions are the last of its row
-        read = len(ids) - (start if reply_only else 0)
+        read = len(ids) - (start if placement.reply_only or placement.at_end else 0)
         ref = F.log_softmax(reference[i, -read:].float(), dim=-1)
         out = F.log_softmax(student[i, -read:].float(), dim=-1)
         total = total + F.kl_div(out, ref, log_target=True, reduction="batchmean")
@@ -289,8 +294,8 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         copying = cfg.copy_weight * copy_loss(picks, gate_logits, targets)
     else:
         thoughts = aux.encode(summaries)
-    reply_only = aux.reply_only
-    prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th, reply_only=reply_only)
+    placement = aux.placement
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th, placement=placement)
                for ex, th in zip(batch, thoughts)]
     loss, n_tokens = target_loss(backbone.model, backbone.model.get_input_embeddings(), tok, prompts,
                                  [ex.target for ex in batch], cfg.max_target_tokens, [ex.answer for ex in batch],
@@ -302,7 +307,7 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     if texts:
         prefixes = (tok([summary_before(ex.summary, "") for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
-        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes, reply_only)
+        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes, placement)
     return loss, n_tokens
 
 
@@ -355,6 +360,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         state, offset = None, 0
     if cfg.thoughts_seen_by:
         aux.config.thoughts_seen_by = cfg.thoughts_seen_by
+    if cfg.thoughts_at:
+        aux.config.thoughts_at = cfg.thoughts_at
     aux.train()
     # the probe reads the mean thought; it is part of training only and never saved with the checkpoint
     check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})

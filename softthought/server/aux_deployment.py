@@ -67,6 +67,7 @@ class AuxDeployment:
             "num_thoughts": m.config.total_thoughts if m else None,  # the positions the backbone reads
             "copy_thoughts": m.config.copy_thoughts if m else None,
             "thoughts_seen_by": m.config.thoughts_seen_by if m else None,
+            "thoughts_at": m.config.thoughts_at if m else None,
             "cached": len(self.cache),
             "last_error": self.last_error,
         }
@@ -81,5 +82,5 @@ class AuxDeployment:
         if not hit:
             thoughts = await asyncio.to_thread(_encode, model, summary)
             self.cache.put(model.version, summary, thoughts)
-        return {"thoughts": thoughts, "reply_only": model.reply_only, "version": model.version, "cache_hit": hit,
+        return {"thoughts": thoughts, "placement": model.placement, "version": model.version, "cache_hit": hit,
                 "latency_s": time.perf_counter() - start}

@@ -17,7 +17,7 @@ from ray import serve
 
 from ..backbone import load_backbone, longest_token_chars
 from ..generation import Engine, SamplingParams
-from ..splice import PromptError, build_chat_prompt, build_text_prompt
+from ..splice import OPENING, PromptError, build_chat_prompt, build_text_prompt
 
 log = logging.getLogger("softthought.backbone")
 
@@ -75,12 +75,12 @@ class BackboneDeployment:
             thoughts = request.get("thoughts")
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
             tok = self.backbone.tokenizer
-            reply_only = request.get("reply_only", False)
+            placement = request.get("placement", OPENING)
             # tokenized off the event loop: a long prompt must not hold up every other request's stream
             if request["kind"] == "chat":
-                prompt = await asyncio.to_thread(build_chat_prompt, tok, request["messages"], thoughts, reply_only=reply_only)
+                prompt = await asyncio.to_thread(build_chat_prompt, tok, request["messages"], thoughts, placement=placement)
             else:
-                prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, reply_only=reply_only)
+                prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, placement=placement)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
             params = SamplingParams(**request["params"])

@@ -287,7 +287,7 @@ class Ingress:
 
     async def _personalization(self, req, tenant: str) -> tuple[dict, dict]:
         """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none.
-        Returns what the backbone needs ("thoughts", and "reply_only": how they are read; {} for none) and the
+        Returns what the backbone needs ("thoughts", and "placement": where they go; {} for none) and the
         response's extension fields."""
         ext = {"summary_source": "none", "aux_version": None, "preference_version": None}
         if req.preference_summary is not None:
@@ -306,7 +306,7 @@ class Ingress:
         (metrics.CACHE_HITS if out["cache_hit"] else metrics.CACHE_MISSES).inc()
         ext.update(aux_version=out["version"], aux_cache_hit=out["cache_hit"],
                    aux_latency_ms=round(1000 * out["latency_s"], 3))
-        return {"thoughts": out["thoughts"], "reply_only": out["reply_only"]}, ext
+        return {"thoughts": out["thoughts"], "placement": out["placement"]}, ext
 
     async def _start(self, req, payload: dict, max_tokens: int, request_id: str) -> tuple[list, int]:
         """Send n generations to the backbone; return their streams once all are accepted."""

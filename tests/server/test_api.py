@@ -20,7 +20,7 @@ def _in_process(smollm, aux_dir, messages, summary, max_tokens):
     if summary:
         with torch.no_grad():
             thoughts = aux.encode([summary])[0]
-    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, reply_only=aux.reply_only)
+    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, placement=aux.placement)
     return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
 
 
@@ -69,17 +69,20 @@ def test_stored_preferences_select_the_users_thoughts(client, http, admin, smoll
     assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
 
 
-def test_a_reply_only_checkpoint_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir, tmp_path):
-    """The same weights with `thoughts_seen_by: reply` are another version, and the server hides the thoughts from
-    the prompt exactly as the library does."""
+@pytest.mark.parametrize("field", [("thoughts_seen_by", "reply"), ("thoughts_at", "end")])
+def test_a_checkpoint_placing_its_thoughts_otherwise_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir,
+                                                                                        tmp_path, field):
+    """The same weights with the thoughts read by the reply only, or placed after the prompt, are another version,
+    and the server places and hides the thoughts exactly as the library does."""
+    name, value = field
     reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
     config = json.loads((reply_dir / "config.json").read_text())
-    (reply_dir / "config.json").write_text(json.dumps({**config, "thoughts_seen_by": "reply"}))
+    (reply_dir / "config.json").write_text(json.dumps({**config, name: value}))
     summary, original = "Answer like a pirate, in capitals.", admin.get("/admin/aux").json()["version"]
     rolled = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)}).json()
     try:
         assert rolled["changed"] and rolled["version"] != original
-        assert admin.get("/admin/aux").json()["thoughts_seen_by"] == "reply"
+        assert admin.get("/admin/aux").json()[name] == value
         resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0,
                                               extra_body={"preference_summary": summary})
     finally:

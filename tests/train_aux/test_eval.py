@@ -5,9 +5,13 @@ import pytest
 import torch
 
 from softthought.aux_model import SoftThoughtAux
+from softthought.splice import OPENING, Placement
 from train_aux.data import write_jsonl
 from train_aux.eval import against_plain, correctness, general, gold_margin_shift, load_task, paired_checks, personalization
 from train_aux.users import make_users
+
+#: Thoughts opening the text, the same hidden from it, and after it.
+PLACEMENTS = (OPENING, Placement(reply_only=True), Placement(at_end=True))
 
 
 def _items(n=300, seed=0):
@@ -200,18 +204,18 @@ def test_shared_context_scores_are_the_per_choice_scores(tiny):
               "choices": [" " + " ".join(words[j : j + 1 + (i + j) % 5]) for j in range(2 + i % 3)]} for i in range(7)]
     thoughts = torch.randn(3, tiny.model.config.hidden_size) * 0.5
     for prefixes in ([None] * 7, [thoughts] * 7, ["I like short answers."] * 7, [None, thoughts] * 3 + ["terse"]):
-        for reply_only in (False, True):
-            alone = score_task(tiny, items, prefixes, "test", reply_only=reply_only)
-            shared = score_task(tiny, items, prefixes, "test", shared_context=True, reply_only=reply_only)
+        for placement in PLACEMENTS:
+            alone = score_task(tiny, items, prefixes, "test", placement=placement)
+            shared = score_task(tiny, items, prefixes, "test", shared_context=True, placement=placement)
             # a continuation that saw another, or was numbered after it, would score differently
             assert [len(s) for s in shared] == [len(item["choices"]) for item in items]
             assert all(a == pytest.approx(b, abs=2e-4) for a, b in zip(shared, alone))
-    seen, hidden = (score_task(tiny, items, [thoughts] * 7, "test", reply_only=r) for r in (False, True))
-    assert seen != hidden
+    seen, hidden, end = (score_task(tiny, items, [thoughts] * 7, "test", placement=p) for p in PLACEMENTS)
+    assert seen != hidden != end != seen
 
 
-def test_reply_only_scoring_is_the_training_loss_of_the_same_text(tiny):
-    """Eval's per-choice and training's cross-entropy hide the thoughts from the same positions."""
+def test_scoring_is_the_training_loss_of_the_same_text(tiny):
+    """Eval's per-choice and training's cross-entropy place the thoughts and hide them from the same positions."""
     from softthought.splice import build_text_prompt
     from train_aux.eval import loglikelihoods
     from train_aux.train import target_loss
@@ -220,12 +224,12 @@ def test_reply_only_scoring_is_the_training_loss_of_the_same_text(tiny):
     thoughts = torch.randn(2, 3, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     contexts, replies = ["The sea is calm tonight and", "Paris:"], [" every boat is home.", " the capital of France."]
     end = tok.convert_tokens_to_ids(tok.eos_token)
-    for reply_only in (False, True):
-        prompts = [build_text_prompt(tok, c, th, reply_only=reply_only) for c, th in zip(contexts, thoughts)]
+    for placement in PLACEMENTS:
+        prompts = [build_text_prompt(tok, c, th, placement=placement) for c, th in zip(contexts, thoughts)]
         conts = [tok(r, add_special_tokens=False)["input_ids"] + [end] for r in replies]
         with torch.no_grad():  # both in one batch: the shorter row is padded
             loss, n = target_loss(tiny.model, tiny.model.get_input_embeddings(), tok, prompts, replies, 64)
-        logp = loglikelihoods(tiny, [(p.token_ids, c, th) for p, c, th in zip(prompts, conts, thoughts)], reply_only=reply_only)
+        logp = loglikelihoods(tiny, [(p.token_ids, c, th) for p, c, th in zip(prompts, conts, thoughts)], placement=placement)
         assert n == sum(map(len, conts)) and loss.item() == pytest.approx(-sum(logp) / n, abs=1e-4)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from softthought.aux_model import SoftThoughtAux
-from softthought.splice import build_text_prompt, embed_prompt, hiding_mask, left_pad
+from softthought.splice import Placement, build_text_prompt, embed_prompt, hiding_mask, left_pad
 from train_aux.train import (
     copy_loss,
     copy_strings,
@@ -62,6 +62,9 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     resumed = SoftThoughtAux.from_pretrained(more, backbone=tiny).config
     assert resumed.metadata["steps"] == 9 and [p["from_step"] for p in resumed.metadata["phases"]] == [0, 3, 5, 6, 8]
     assert resumed.thoughts_seen_by == "reply"
+    # a phase that moves the thoughts after the prompt
+    moved = train(init.model_copy(update={"out": str(tmp_path / "end"), "thoughts_seen_by": None, "thoughts_at": "end"}))
+    assert SoftThoughtAux.from_pretrained(moved, backbone=tiny).placement == Placement(at_end=True)
 
 
 def test_config_refuses_an_unknown_preservation_text():
@@ -128,22 +131,24 @@ def test_preservation_texts_read_the_reply_from_the_last_answer_prompt(tiny):
     assert len(ids) == 5 and tok.decode(ids[start + 1:]) == tok.decode(tok(texts[0])["input_ids"][-(5 - start - 1):])
 
 
-def test_reply_only_preservation_kl_runs_over_what_reads_the_thoughts(tiny):
-    """The student's text before its reply does not see the thoughts, and the KL is the mean over the reply's positions."""
+@pytest.mark.parametrize("placement", [Placement(reply_only=True), Placement(at_end=True)])
+def test_preservation_kl_runs_over_what_reads_the_thoughts(tiny, placement):
+    """The student's text before its reply does not see the thoughts (hidden, or placed after it), and the KL is the
+    mean over the reply's positions."""
     tok, table = tiny.tokenizer, tiny.model.get_input_embeddings()
     texts = preservation_texts(tok, ["Question: why is the sea so big?\nAnswer: water.", "Q: a cat?\nAnswer: A cat sat."], 96)
     thoughts = torch.randn(2, 3, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     expected = []
     with torch.no_grad():
-        for th, (ids, start) in zip(thoughts, texts):  # each text alone, hidden from its prompt as a reply-only prompt
-            prompt = build_text_prompt(tok, tok.decode(ids[: start + 1]), th, reply_only=True)
+        for th, (ids, start) in zip(thoughts, texts):  # each text alone, its prompt as a chat prompt is placed
+            prompt = build_text_prompt(tok, tok.decode(ids[: start + 1]), th, placement=placement)
             embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, prompt), table(torch.tensor(ids[start + 1:]))])])
             hidden = prompt.hidden_thoughts()
             student = tiny.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, [hidden], embeds.dtype),
-                                 position_ids=positions).logits[0, hidden[2]:].log_softmax(-1)
+                                 position_ids=positions).logits[0, prompt.num_tokens - 1:].log_softmax(-1)
             plain = tiny.model(input_ids=torch.tensor([ids])).logits[0, start:].log_softmax(-1)
             expected.append(torch.nn.functional.kl_div(student, plain, log_target=True, reduction="batchmean"))
-        got = preservation_loss(tiny, thoughts, texts, reply_only=True)
+        got = preservation_loss(tiny, thoughts, texts, placement=placement)
         every_position = preservation_loss(tiny, thoughts, texts)
     assert got.item() == pytest.approx(sum(expected).item() / 2, rel=1e-4)
     assert every_position.item() != pytest.approx(got.item(), rel=1e-2)
