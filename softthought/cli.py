@@ -8,6 +8,7 @@ import os
 import sys
 
 from .backbone import DTYPES
+from .engine import ENGINES
 
 
 def _quiet() -> None:
@@ -21,9 +22,15 @@ def _quiet() -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .aux_model import CheckpointError
+    import asyncio
+
+    import torch
+
+    from .aux_model import CheckpointError, SoftThoughtAux
+    from .engine import EngineSpec, make_engine
     from .generation import SamplingParams
-    from .pipeline import Pipeline, default_aux_dir
+    from .pipeline import default_aux_dir
+    from .splice import OPENING, PromptError, build_chat_prompt
 
     aux = args.aux
     if args.summary and aux is None:
@@ -32,18 +39,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("error: --summary needs an auxiliary checkpoint: pass --aux DIR "
                   "(`softthought aux-init --out DIR` makes an untrained one)", file=sys.stderr)
             return 2
+    messages = [{"role": "user", "content": args.prompt}]
+    loop = asyncio.new_event_loop()  # vLLM's engine belongs to the loop it starts on
+
+    async def start():
+        return make_engine(args.engine, EngineSpec(backbone=args.backbone, dtype=args.dtype,
+                                                   max_tokens=args.max_tokens, enforce_eager=True))
+
+    async def reply(engine, prompt):
+        async for item in engine.generate(prompt, params, "chat"):
+            sys.stdout.write(item.get("delta", ""))
+            sys.stdout.flush()
+
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()
         )
-        pipe = Pipeline.load(args.backbone, aux if args.summary else None, dtype=args.dtype)
-    except (CheckpointError, ValueError, OSError) as exc:
+        engine = loop.run_until_complete(start())
+        thoughts, placement = None, OPENING
+        if args.summary:
+            model = SoftThoughtAux.from_pretrained(aux, expected_fingerprint=engine.info()["fingerprint"]).eval()
+            with torch.inference_mode():
+                thoughts, placement = model.encode([args.summary])[0], model.placement
+        prompt = build_chat_prompt(engine.tokenizer, messages, thoughts, placement=placement)
+        engine.check(prompt)
+    except (CheckpointError, PromptError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    messages = [{"role": "user", "content": args.prompt}]
-    for out in pipe.stream(messages, args.summary, params):
-        sys.stdout.write(out.delta)
-        sys.stdout.flush()
+    try:
+        loop.run_until_complete(reply(engine, prompt))
+    finally:
+        engine.close()
     sys.stdout.write("\n")
     return 0
 
@@ -81,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif store:
         store = os.path.abspath(store)
     overrides = {
-        "backbone": args.backbone, "aux_checkpoint": args.aux, "dtype": args.dtype,
+        "backbone": args.backbone, "aux_checkpoint": args.aux, "dtype": args.dtype, "engine": args.engine,
         "store": store, "api_keys": args.api_key, "admin_keys": args.admin_key,
     }
     if args.aux and args.aux != "default":
@@ -97,6 +123,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import markdown, run
 
     aux = os.path.abspath(args.aux) if args.aux else None
+    if args.engine:  # the backbone engines side by side, in this process
+        from .engine_bench import run as run_engines
+
+        run_engines(args.engine, Path(args.out), aux, args.dtype)
+        print((Path(args.out) / "engines.md").read_text())
+        return 0
     results = run(Path(args.out), args.url, aux, args.model, args.api_key, args.dtype)
     print(markdown(results))
     return 0 if all(c["holds"] for c in results["criteria"].values()) else 1
@@ -142,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--aux", help="auxiliary checkpoint directory (default: the shipped one)")
     chat.add_argument("--backbone", help="HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     chat.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    chat.add_argument("--engine", default="auto", choices=ENGINES, help="backbone engine (default: auto, vllm where it "
+                      "is installed and a GPU is present)")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -167,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backbone", help="override the app's backbone (HF directory or hub id)")
     serve.add_argument("--aux", help="override the app's auxiliary checkpoint directory")
     serve.add_argument("--dtype", choices=sorted(DTYPES))
+    serve.add_argument("--engine", choices=ENGINES, help="backbone engine: hf (reference), vllm, or auto (vllm where it is "
+                       "installed and a GPU is present)")
     serve.add_argument("--store", help="preference store: a SQLite file (sqlite:///path too) or postgresql://user@host:port/db, "
                        "password from $PGPASSWORD (default: $SOFTTHOUGHT_STORE, else a SQLite file)")
     serve.add_argument("--ingress-replicas", type=int, help="Ingress replicas (several need a store they can share)")
@@ -190,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="softthought")
     bench.add_argument("--api-key", help="with --url: a key that may read /health's details (an admin key)")
     bench.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    bench.add_argument("--engine", action="append", choices=["hf", "vllm"],
+                       help="compare these backbone engines instead (repeatable: --engine hf --engine vllm), in one run")
     bench.set_defaults(func=cmd_bench)
 
     loadtest = sub.add_parser("loadtest", help="load, client disconnects and replica kills against a server; prints what was lost")

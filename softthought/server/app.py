@@ -12,9 +12,18 @@ from .ingress import Ingress
 
 def build_app(args: dict) -> Application:
     config = ServerConfig.model_validate(args or {})
-    backbone = BackboneDeployment.bind(
+    deployment = BackboneDeployment
+    if config.tensor_parallel_size > 1:  # vLLM's workers, one per GPU, in one placement group on one node
+        deployment = deployment.options(
+            ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+            placement_group_bundles=[{"CPU": 1}] + [{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size,
+            placement_group_strategy="STRICT_PACK")
+    backbone = deployment.bind(
         backbone=config.backbone, dtype=config.dtype, max_batch_size=config.max_batch_size,
         max_prompt_tokens=config.max_prompt_tokens, threads=config.backbone_threads, device=config.device,
+        engine=config.engine, max_tokens=config.max_tokens_limit, tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,
+        enforce_eager=config.enforce_eager,
     )
     aux = AuxDeployment.bind(
         backbone, checkpoint=config.resolved_aux_checkpoint(), cache_size=config.thought_cache_size,

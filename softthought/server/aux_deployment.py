@@ -15,17 +15,9 @@ from ray import serve
 
 from ..aux_model import CheckpointError, SoftThoughtAux
 from ..thought_cache import ThoughtCache
+from .rollout import load_checkpoint
 
 log = logging.getLogger("softthought.aux")
-
-
-def _load(path: str, backbone_info: dict) -> SoftThoughtAux:
-    model = SoftThoughtAux.from_pretrained(path, expected_fingerprint=backbone_info["fingerprint"])
-    if model.config.backbone_hidden != backbone_info["hidden_size"]:
-        raise CheckpointError(
-            f"{path} projects to hidden size {model.config.backbone_hidden}, the backbone's is {backbone_info['hidden_size']}"
-        )
-    return model.eval()
 
 
 def _encode(model: SoftThoughtAux, summary: str):
@@ -43,14 +35,14 @@ class AuxDeployment:
         self.checkpoint: str | None = None
         self.last_error: str | None = None
         if checkpoint:
-            self.model, self.checkpoint = await asyncio.to_thread(_load, checkpoint, self._backbone_info), checkpoint
+            self.model, self.checkpoint = await asyncio.to_thread(load_checkpoint, checkpoint, self._backbone_info), checkpoint
 
     async def reconfigure(self, user_config: dict) -> None:
         path = (user_config or {}).get("checkpoint")
         if not path:
             return
         try:
-            model = await asyncio.to_thread(_load, path, self._backbone_info)
+            model = await asyncio.to_thread(load_checkpoint, path, self._backbone_info)
         except (CheckpointError, OSError) as exc:
             self.last_error = f"refused checkpoint {path}: {exc}"
             log.error(self.last_error)

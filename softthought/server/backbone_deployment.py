@@ -1,80 +1,44 @@
-"""Backbone deployment: one continuous-batching engine per replica, fed by concurrent requests of any users."""
+"""Backbone deployment: one serving engine per replica (`engine.make_engine`), fed by concurrent requests of any
+users."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import threading
-import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ray import serve
 
-from ..backbone import load_backbone, longest_token_chars
-from ..generation import Engine, SamplingParams
+from ..engine import EngineSpec, make_engine
+from ..generation import SamplingParams
 from ..splice import OPENING, PromptError, build_chat_prompt, build_text_prompt
-
-log = logging.getLogger("softthought.backbone")
-
-
-@dataclass
-class _Subscriber:
-    """Where a request's engine outputs go: its event loop and queue."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    stream: bool
-    held: dict | None = None  # non-streaming: what the engine produced so far, handed over at the end
-    first_token_at: float | None = None
 
 
 @serve.deployment(name="Backbone", max_ongoing_requests=64)
 class BackboneDeployment:
     def __init__(self, backbone: str | None = None, dtype: str = "bfloat16", max_batch_size: int = 16,
-                 max_prompt_tokens: int = 4096, threads: int | None = None, device: str = "auto") -> None:
-        # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the engine should use the cores it was given.
-        self._threads = threads or os.cpu_count() or 1
-        if device == "auto":  # a replica placed with num_gpus sees its GPU through CUDA_VISIBLE_DEVICES
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+                 max_prompt_tokens: int = 4096, threads: int | None = None, device: str = "auto", engine: str = "hf",
+                 **engine_options) -> None:
         self.max_prompt_tokens = max_prompt_tokens
-        self._subscribers: dict[str, _Subscriber] = {}
-        self._wake = threading.Event()
-        # Every parallel torch op of this process runs on the engine thread, loading included. libgomp keeps one
-        # worker pool per calling thread and throttles spin-waiting to 100 spins once its pools hold more threads
-        # than there are cores: a second pool (say, from loading on this thread) makes each of the decoder's
-        # small ops wait on a futex wake-up, and decoding ran 30-40% slower on 2 cores.
-        loaded: Future = Future()
-        threading.Thread(target=self._run_engine, args=(backbone, dtype, device, max_batch_size, loaded),
-                         name="engine", daemon=True).start()
-        loaded.result()
+        self.engine = make_engine(engine, EngineSpec(backbone=backbone, dtype=dtype, device=device, threads=threads,
+                                                     max_batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens,
+                                                     **engine_options))
 
     def info(self) -> dict:
-        return {
-            "name": self.backbone.name,
-            "fingerprint": self.backbone.fingerprint,
-            "hidden_size": self.backbone.hidden_size,
-            "max_context": self.backbone.max_context,
-            "max_token_chars": self.max_token_chars,
-            "dtype": str(self.backbone.dtype).removeprefix("torch."),
-            "device": str(self.backbone.device),
-        }
+        return self.engine.info()
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Stream of dicts: first {"error"} or {"prompt_tokens"}, then {"delta", "batch_sizes", ...} items; the last
-        one has "finish_reason", "completion_tokens" and "ttft_s" (engine admission to first token).
+        """Stream of dicts: first {"error"} or {"prompt_tokens"}, then the engine's items (`ServingEngine.generate`).
 
         Tokens already produced are coalesced into one item, and a non-streaming request ("stream": false) gets
         only the final item: per-token messages through Ray would cost the cores the matmuls need.
         """
+        outputs = None
         try:
             thoughts = request.get("thoughts")
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
-            tok = self.backbone.tokenizer
+            tok = self.engine.tokenizer
             placement = request.get("placement", OPENING)
             # tokenized off the event loop: a long prompt must not hold up every other request's stream
             if request["kind"] == "chat":
@@ -83,87 +47,16 @@ class BackboneDeployment:
                 prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, placement=placement)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
-            params = SamplingParams(**request["params"])
-            rid = request["request_id"]
-            sub = self._subscribers[rid] = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(),
-                                                       request.get("stream", True))
-            added = time.perf_counter()
-            self.engine.add(prompt, params, rid)
+            self.engine.check(prompt)
+            outputs = self.engine.generate(prompt, SamplingParams(**request["params"]), request["request_id"],
+                                           request.get("stream", True))
+            first = await anext(outputs)
         except (PromptError, ValueError) as exc:
-            self._subscribers.pop(request.get("request_id"), None)
             yield {"error": str(exc)}
             return
-        self._wake.set()
-        yield {"prompt_tokens": prompt.num_tokens}
-        finished, first_at, pending = False, None, {"delta": "", "batch_sizes": []}
         try:
-            while not finished:
-                items = [await sub.queue.get()]
-                while not sub.queue.empty():
-                    items.append(sub.queue.get_nowait())
-                for item in items:
-                    at = item.pop("first_token_at")
-                    first_at = first_at or at
-                    pending["delta"] += item.pop("delta")
-                    pending["batch_sizes"] += item.pop("batch_sizes")
-                    pending.update(item)
-                finished = "finish_reason" in pending
-                if finished:
-                    pending["ttft_s"] = first_at - added
-                yield pending
-                pending = {"delta": "", "batch_sizes": []}
+            yield first
+            async for item in outputs:
+                yield item
         finally:
-            self._subscribers.pop(rid, None)
-            if not finished:  # the client went away: free the batch slot
-                self.engine.abort(rid)
-
-    def _run_engine(self, backbone: str | None, dtype: str, device: str, max_batch_size: int, loaded: Future) -> None:
-        # OpenMP's thread count is per thread: without this the engine thread keeps Ray's OMP_NUM_THREADS.
-        torch.set_num_threads(self._threads)
-        try:
-            self.backbone = load_backbone(backbone, dtype=dtype, device=device)
-            self.max_token_chars = longest_token_chars(self.backbone.tokenizer)
-            self.engine = Engine(self.backbone, max_batch_size=max_batch_size)
-        except BaseException as exc:  # the constructor re-raises it, so Serve reports the replica as failed
-            loaded.set_exception(exc)
-            return
-        loaded.set_result(None)
-        while True:
-            self._wake.wait()
-            self._wake.clear()  # cleared before looking for work, so an add() after this is never missed
-            while self.engine.has_work():
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # a broken step must not leave clients waiting forever
-                    log.exception("engine step failed; failing the running requests")
-                    self._fail_all()
-                    break
-                now = time.perf_counter()
-                for out in outputs:
-                    item = {"delta": out.delta, "batch_sizes": [len(outputs)], "at": now}
-                    if out.finished:
-                        r = out.result
-                        item.update(finish_reason=r.finish_reason, completion_tokens=r.completion_tokens,
-                                    prompt_tokens=r.prompt_tokens)
-                    self._publish(out.request_id, item)
-
-    def _publish(self, request_id: str, item: dict) -> None:
-        """Hand an engine output to its request's event loop: every step for a stream; for a non-streaming request,
-        which only needs the result, once at the end (the engine thread gathers the steps in between)."""
-        sub = self._subscribers.get(request_id)
-        if sub is None:
-            return
-        at = item.pop("at", time.perf_counter())
-        sub.first_token_at = sub.first_token_at or at
-        if sub.held is not None:
-            item = {**item, "delta": sub.held["delta"] + item["delta"], "batch_sizes": sub.held["batch_sizes"] + item["batch_sizes"]}
-            sub.held = None
-        if not sub.stream and "finish_reason" not in item:
-            sub.held = item
-            return
-        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, {**item, "first_token_at": sub.first_token_at})
-
-    def _fail_all(self) -> None:
-        self.engine = Engine(self.backbone, max_batch_size=self.engine.max_batch_size)
-        for rid in list(self._subscribers):
-            self._publish(rid, {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": "the backbone failed on this batch"})
+            await outputs.aclose()  # the client went away: the engine frees the batch slot

@@ -38,6 +38,13 @@ class ServerConfig(BaseModel):
     backbone: str | None = Field(None, description="HF model directory or hub id; null = embedded SmolLM2-135M-Instruct")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="hf = our transformers engine (the exact "
+                                                  "reference); vllm = vLLM (prefix cache, paged KV); auto = vllm where "
+                                                  "it is installed and the replica has a GPU")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one Backbone replica shards the model over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU for weights + KV cache")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size in GiB")
+    enforce_eager: bool = Field(False, description="vllm: no graph compilation (faster start, slower decoding)")
     aux_checkpoint: str | None = Field("default", description="'default' = the shipped checkpoint, null = none")
     served_model_name: str = "softthought"
     store: str | None = Field(None, validation_alias=AliasChoices("store", "store_path"),

@@ -14,8 +14,9 @@ from ..aux_model import CheckpointError, SoftThoughtAux
 AUX_DEPLOYMENT = "Aux"
 
 
-def validate_checkpoint(path: str, backbone_info: dict) -> str:
-    """Load the checkpoint as a replica would; return its version or raise CheckpointError naming the problem."""
+def load_checkpoint(path: str, backbone_info: dict) -> SoftThoughtAux:
+    """The checkpoint as an Aux replica serves it, or CheckpointError naming why the backbone (`info()` of its
+    deployment) cannot use it."""
     try:
         model = SoftThoughtAux.from_pretrained(path, expected_fingerprint=backbone_info["fingerprint"])
     except OSError as exc:
@@ -23,7 +24,16 @@ def validate_checkpoint(path: str, backbone_info: dict) -> str:
     if model.config.backbone_hidden != backbone_info["hidden_size"]:
         raise CheckpointError(f"{path} projects to hidden size {model.config.backbone_hidden}, "
                               f"the backbone's is {backbone_info['hidden_size']}")
-    return model.version
+    if model.placement.reply_only and backbone_info.get("engine") == "vllm":
+        raise CheckpointError(f"{path} hides its thoughts from the prompt with an attention mask (thoughts_seen_by: "
+                              "reply), which the vLLM engine cannot apply: use engine 'hf', or a checkpoint with "
+                              "thoughts_at: end")
+    return model.eval()
+
+
+def validate_checkpoint(path: str, backbone_info: dict) -> str:
+    """Load the checkpoint as a replica would; return its version or raise CheckpointError naming the problem."""
+    return load_checkpoint(path, backbone_info).version
 
 
 def apply_checkpoint(app_name: str, checkpoint: str) -> None:

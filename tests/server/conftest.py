@@ -35,11 +35,11 @@ def start_server(args: list[str], log_dir: Path) -> ServerProcess:
     return srv
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, aux_dir):
-    tmp = tmp_path_factory.mktemp("server")
+def _shared_server(tmp_path_factory, aux_dir, engine: str):
+    tmp = tmp_path_factory.mktemp(f"server-{engine}")
     config = write_config(
         tmp / "serve.yaml",
+        engine=engine,
         dtype="float32",  # bit-exact batching, so concurrent results can be compared with single ones
         aux_checkpoint=str(aux_dir),
         store=str(tmp / "prefs.db"),
@@ -49,10 +49,29 @@ def server(tmp_path_factory, aux_dir):
         max_prompt_tokens=512,
         max_summary_chars=500,
         max_tokens_limit=256,
+        **({"enforce_eager": True, "kv_cache_gib": 1.0} if engine == "vllm" else {}),
     )
-    srv = start_server(["--config", str(config)], tmp)
+    return start_server(["--config", str(config)], tmp)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, aux_dir):
+    srv = _shared_server(tmp_path_factory, aux_dir, "hf")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, aux_dir):
+    """The same server with the backbone on vLLM (`engine: vllm`, the CPU build in tests)."""
+    srv = _shared_server(tmp_path_factory, aux_dir, "vllm")
+    yield srv
+    srv.stop()
+
+
+def on_each_engine(request, server):
+    """For a module's `server` fixture parametrized by engine: the shared reference server, or the vLLM one."""
+    return server if request.param == "hf" else request.getfixturevalue("vllm_server")
 
 
 @pytest.fixture()

@@ -11,8 +11,16 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.generation import Engine, SamplingParams
 from softthought.splice import build_chat_prompt
 
+from .conftest import on_each_engine
+
 pytestmark = pytest.mark.slow
 HELLO = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def server(request, server):
+    """Every test here runs on the reference engine's server and on vLLM's."""
+    return on_each_engine(request, server)
 
 
 def _in_process(smollm, aux_dir, messages, summary, max_tokens):
@@ -73,13 +81,19 @@ def test_stored_preferences_select_the_users_thoughts(client, http, admin, smoll
 def test_a_checkpoint_placing_its_thoughts_otherwise_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir,
                                                                                         tmp_path, field):
     """The same weights with the thoughts read by the reply only, or placed after the prompt, are another version,
-    and the server places and hides the thoughts exactly as the library does."""
+    and the server places and hides the thoughts exactly as the library does; vLLM, which has no per-request mask,
+    refuses the masked one and keeps serving the loaded one."""
     name, value = field
     reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
     config = json.loads((reply_dir / "config.json").read_text())
     (reply_dir / "config.json").write_text(json.dumps({**config, name: value}))
     summary, original = "Answer like a pirate, in capitals.", admin.get("/admin/aux").json()["version"]
-    rolled = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)}).json()
+    answer = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)})
+    if name == "thoughts_seen_by" and admin.get("/health").json()["backbone"]["engine"] == "vllm":
+        assert answer.status_code == 400 and "thoughts_at: end" in answer.json()["error"]["message"]
+        assert admin.get("/admin/aux").json()["version"] == original
+        return
+    rolled = answer.json()
     try:
         assert rolled["changed"] and rolled["version"] != original
         assert admin.get("/admin/aux").json()[name] == value

@@ -6,7 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from .conftest import on_each_engine
+
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def server(request, server):
+    """On the reference engine's server and on vLLM's."""
+    return on_each_engine(request, server)
 
 SUMMARIES = [
     "Answer in French.", "I like very short answers.", "Use bullet points.", "Write everything in lowercase.",
