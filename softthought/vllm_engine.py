@@ -96,7 +96,9 @@ class VllmEngine(ServingEngine):
             await outputs.aclose()  # aborts the request in vLLM if it is still running
 
     def close(self) -> None:
-        self.llm.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is not None:  # shut down now, not from its __del__ at interpreter exit, when vLLM's modules are gone
+            llm.shutdown()
 
     def _inputs(self, prompt: Prompt) -> dict:
         if not prompt.num_thoughts:
@@ -119,7 +121,7 @@ class VllmEngine(ServingEngine):
 
         return VllmSamplingParams(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-            stop=list(params.stop), ignore_eos=params.ignore_eos, stop_token_ids=self._eos,
+            stop=list(params.stop), ignore_eos=params.ignore_eos, stop_token_ids=[] if params.ignore_eos else self._eos,
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
         )
 

@@ -40,6 +40,7 @@ def engine(request, loop):
     eng = loop.run_until_complete(start())
     yield eng
     eng.close()
+    loop.run_until_complete(asyncio.sleep(0.2))  # the engine's own tasks see the shutdown and end
 
 
 def _thoughts(smollm, seed):

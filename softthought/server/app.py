@@ -10,15 +10,19 @@ from .config import ServerConfig
 from .ingress import Ingress
 
 
+def backbone_options(config: ServerConfig) -> dict:
+    """Deployment options the settings imply: with tensor parallelism, vLLM's workers, one per GPU, in one placement
+    group packed on one node (the replica itself takes no GPU)."""
+    if config.tensor_parallel_size == 1:
+        return {}
+    return {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+            "placement_group_bundles": [{"CPU": 1}] + [{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size,
+            "placement_group_strategy": "STRICT_PACK"}
+
+
 def build_app(args: dict) -> Application:
     config = ServerConfig.model_validate(args or {})
-    deployment = BackboneDeployment
-    if config.tensor_parallel_size > 1:  # vLLM's workers, one per GPU, in one placement group on one node
-        deployment = deployment.options(
-            ray_actor_options={"num_cpus": 1, "num_gpus": 0},
-            placement_group_bundles=[{"CPU": 1}] + [{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size,
-            placement_group_strategy="STRICT_PACK")
-    backbone = deployment.bind(
+    backbone = BackboneDeployment.options(**backbone_options(config)).bind(
         backbone=config.backbone, dtype=config.dtype, max_batch_size=config.max_batch_size,
         max_prompt_tokens=config.max_prompt_tokens, threads=config.backbone_threads, device=config.device,
         engine=config.engine, max_tokens=config.max_tokens_limit, tensor_parallel_size=config.tensor_parallel_size,

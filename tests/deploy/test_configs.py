@@ -8,6 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from softthought.server.app import backbone_options
 from softthought.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,15 @@ def test_gpu_config_puts_backbone_on_gpus_and_autoscales():
     assert (deployments["Aux"].ray_actor_options.num_gpus or 0) < 1  # CPU or a GPU fraction
     assert deployments["Aux"].user_config["checkpoint"] == app.args["aux_checkpoint"]
     assert "7B" in app.args["backbone"] or "7b" in app.args["backbone"]
+
+
+def test_the_gpu_config_serves_on_vllm_and_tensor_parallelism_reserves_one_gpu_per_shard():
+    app = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/serve_gpu.yaml").read_text())).applications[0]
+    config = ServerConfig.model_validate(app.args)
+    assert config.engine == "vllm" and config.tensor_parallel_size == 1 and backbone_options(config) == {}
+    sharded = backbone_options(config.model_copy(update={"tensor_parallel_size": 4}))
+    assert sum(b.get("GPU", 0) for b in sharded["placement_group_bundles"]) == 4
+    assert sharded["ray_actor_options"]["num_gpus"] == 0 and sharded["placement_group_strategy"] == "STRICT_PACK"
 
 
 def test_rayservice_has_kuberay_structure_and_embeds_the_gpu_config():
