@@ -93,6 +93,12 @@ class AuxConfig:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
     @property
+    def placement(self) -> Placement:
+        if self.thoughts_at == "end":
+            return Placement(at_end=True)
+        return Placement(reply_only=self.thoughts_seen_by == "reply")
+
+    @property
     def total_thoughts(self) -> int:
         """Positions the thoughts take in the backbone's input."""
         return self.num_thoughts + self.copy_thoughts
@@ -330,9 +336,7 @@ class SoftThoughtAux(nn.Module):
     @property
     def placement(self) -> Placement:
         """Where the thoughts go in a prompt and who reads them (`splice.Placement`)."""
-        if self.config.thoughts_at == "end":
-            return Placement(at_end=True)
-        return Placement(reply_only=self.config.thoughts_seen_by == "reply")
+        return self.config.placement
 
     def encode(self, summaries: Sequence[str]) -> torch.Tensor:
         """Soft thoughts for each summary, [B, K, backbone_hidden] (float32)."""

@@ -59,6 +59,10 @@ class ServingEngine:
         Closing the iterator early aborts the request and frees its batch slot."""
         raise NotImplementedError
 
+    def unfinished(self) -> int:
+        """Requests the engine holds, waiting or running: none once every client has finished or gone."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Stop the engine's workers."""
 

@@ -150,6 +150,10 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 
+    def num_unfinished(self) -> int:
+        """Requests waiting or running."""
+        return len(self.running) + len(self._waiting)
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         self._drop_aborted()

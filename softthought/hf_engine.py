@@ -99,6 +99,9 @@ class HFEngine(ServingEngine):
             if not finished:  # the client went away: free the batch slot
                 self.engine.abort(request_id)
 
+    def unfinished(self) -> int:
+        return self.engine.num_unfinished()
+
     def close(self) -> None:
         self._stopped = True
         self._wake.set()

@@ -52,9 +52,9 @@ class VllmEngine(ServingEngine):
             "dtype": spec.dtype,
             "engine": self.kind,
         }
+        self._dtype = getattr(torch, spec.dtype)  # vLLM casts the rows to the model's dtype: send no more than that
         self.llm = _start_vllm(path, spec, self._info["max_context"])
         self._info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        self._running = 0
         log.info("vLLM engine started in %.1f s", time.perf_counter() - started)
 
     def info(self) -> dict:
@@ -72,7 +72,6 @@ class VllmEngine(ServingEngine):
         inputs, sampling = self._inputs(prompt), self._sampling(params)
         added = time.perf_counter()
         outputs = self.llm.generate(inputs, sampling, request_id)
-        self._running += 1
         try:
             yield {"prompt_tokens": prompt.num_tokens}
             first_at, tokens, pending = None, 0, {"delta": "", "batch_sizes": []}
@@ -81,7 +80,7 @@ class VllmEngine(ServingEngine):
                 first_at = first_at or time.perf_counter()
                 tokens += len(done.token_ids)
                 pending["delta"] += done.text
-                pending["batch_sizes"].append(self._running)  # the requests in flight: about the batch it ran in
+                pending["batch_sizes"].append(self.unfinished())  # the requests in flight: about the batch it ran in
                 if out.finished:
                     pending.update(finish_reason="length" if done.finish_reason == "length" else "stop",
                                    completion_tokens=tokens, prompt_tokens=prompt.num_tokens, ttft_s=first_at - added)
@@ -92,8 +91,10 @@ class VllmEngine(ServingEngine):
             log.exception("vLLM failed on request %s", request_id)
             yield {"delta": "", "batch_sizes": [], "finish_reason": "error", "error": "the backbone failed on this request"}
         finally:
-            self._running -= 1
             await outputs.aclose()  # aborts the request in vLLM if it is still running
+
+    def unfinished(self) -> int:
+        return self.llm.get_num_unfinished_requests()
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -108,11 +109,11 @@ class VllmEngine(ServingEngine):
             if isinstance(seg, torch.Tensor):
                 ids += [_THOUGHT_ID] * seg.shape[0]
                 is_token += [False] * seg.shape[0]
-                rows.append(seg.float())
+                rows.append(seg.to(self._dtype))
             else:
                 ids += seg
                 is_token += [True] * len(seg)
-                rows.append(torch.zeros(len(seg), self._info["hidden_size"]))  # never read: vLLM embeds these ids
+                rows.append(torch.zeros(len(seg), self._info["hidden_size"], dtype=self._dtype))  # unread: vLLM embeds ids
         return {"prompt_token_ids": ids, "prompt_is_token_ids": is_token, "prompt_embeds": torch.cat(rows)}
 
     def _sampling(self, params: SamplingParams):

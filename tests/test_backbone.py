@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from softthought.backbone import load_backbone, weights_fingerprint
+from softthought.backbone import files_fingerprint, load_backbone, weights_fingerprint
 
 
 def test_loaded_frozen(smollm, tiny):
@@ -30,6 +30,21 @@ def test_fingerprint_stable_across_dtype_and_sensitive_to_weights(smollm, tiny, 
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1.0
     assert weights_fingerprint(model) != before
+
+
+def test_a_directorys_fingerprint_is_the_loaded_models_without_loading_it(tiny, tiny_dir, tmp_path):
+    """What an engine that loads the weights itself (vLLM) reports: the same fingerprint, read tensor by tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert files_fingerprint(tiny_dir) == tiny.fingerprint
+    renamed = shutil.copytree(tiny_dir, tmp_path / "renamed")
+    weights = load_file(renamed / "model.safetensors")
+    weights["renamed.weight"] = weights.pop("lm_head.weight")
+    save_file(weights, renamed / "model.safetensors")
+    with pytest.raises(ValueError, match="name no tensor 'lm_head.weight'"):
+        files_fingerprint(renamed)
 
 
 def test_unknown_dtype_refused(tiny_dir):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
+from ..aux_model import read_config
 from .aux_deployment import AuxDeployment
 from .backbone_deployment import BackboneDeployment
 from .config import ServerConfig
@@ -20,12 +23,21 @@ def backbone_options(config: ServerConfig) -> dict:
             "placement_group_strategy": "STRICT_PACK"}
 
 
+def engine_for(config: ServerConfig) -> str:
+    """The configured engine; for "auto", not vLLM when the checkpoint hides its thoughts with a mask, which vLLM
+    cannot apply (the reference engine serves it as trained)."""
+    checkpoint = config.resolved_aux_checkpoint()
+    if config.engine == "auto" and checkpoint and read_config(Path(checkpoint)).placement.reply_only:
+        return "hf"
+    return config.engine
+
+
 def build_app(args: dict) -> Application:
     config = ServerConfig.model_validate(args or {})
     backbone = BackboneDeployment.options(**backbone_options(config)).bind(
         backbone=config.backbone, dtype=config.dtype, max_batch_size=config.max_batch_size,
         max_prompt_tokens=config.max_prompt_tokens, threads=config.backbone_threads, device=config.device,
-        engine=config.engine, max_tokens=config.max_tokens_limit, tensor_parallel_size=config.tensor_parallel_size,
+        engine=engine_for(config), max_tokens=config.max_tokens_limit, tensor_parallel_size=config.tensor_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,
         enforce_eager=config.enforce_eager,
     )

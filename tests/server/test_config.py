@@ -38,3 +38,21 @@ def test_checkpoint_roots_are_absolute_and_include_the_configured_checkpoints_pa
     assert str(tmp_path / "real") in roots and str(tmp_path / "ckpts") in roots  # symlinks resolved
     assert any(r.endswith(os.path.join("softthought", "checkpoints")) for r in roots)  # the shipped ones
     assert all(os.path.isabs(r) for r in roots)
+
+
+def test_auto_engine_keeps_a_masked_checkpoint_on_the_reference_engine(tmp_path):
+    import json
+    import shutil
+
+    from softthought.pipeline import DEFAULT_AUX_DIR
+    from softthought.server.app import engine_for
+
+    masked = shutil.copytree(DEFAULT_AUX_DIR, tmp_path / "masked")
+    config = json.loads((masked / "config.json").read_text())
+    (masked / "config.json").write_text(json.dumps({**config, "thoughts_at": "system", "thoughts_seen_by": "reply"}))
+    end = shutil.copytree(masked, tmp_path / "end")
+    (end / "config.json").write_text(json.dumps({**config, "thoughts_at": "end"}))
+    assert engine_for(ServerConfig(aux_checkpoint=str(masked))) == "hf"  # vLLM could not apply its mask
+    assert engine_for(ServerConfig(aux_checkpoint=str(end))) == "auto"
+    assert engine_for(ServerConfig(aux_checkpoint=None)) == "auto"
+    assert engine_for(ServerConfig(aux_checkpoint=str(masked), engine="vllm")) == "vllm"  # refused later, with a message
