@@ -92,6 +92,15 @@ class AuxConfig:
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
+    def check_backbone(self, fingerprint: str, directory: str | Path) -> None:
+        """Refuse, naming both, a backbone other than the one the checkpoint in `directory` was trained for."""
+        if self.backbone_fingerprint != fingerprint:
+            raise CheckpointError(
+                f"auxiliary checkpoint {directory} was trained for backbone fingerprint "
+                f"{self.backbone_fingerprint} ({self.backbone_name or 'unnamed'}), but the loaded backbone "
+                f"has fingerprint {fingerprint}"
+            )
+
     @property
     def placement(self) -> Placement:
         if self.thoughts_at == "end":
@@ -371,12 +380,8 @@ class SoftThoughtAux(nn.Module):
         directory = Path(directory)
         config = read_config(directory)
         expected = backbone.fingerprint if backbone is not None else expected_fingerprint
-        if expected is not None and config.backbone_fingerprint != expected:
-            raise CheckpointError(
-                f"auxiliary checkpoint {directory} was trained for backbone fingerprint "
-                f"{config.backbone_fingerprint} ({config.backbone_name or 'unnamed'}), but the loaded backbone "
-                f"has fingerprint {expected}"
-            )
+        if expected is not None:
+            config.check_backbone(expected, directory)
         if backbone is not None and config.backbone_hidden != backbone.hidden_size:
             raise CheckpointError(
                 f"auxiliary checkpoint {directory} projects to hidden size {config.backbone_hidden}, "

@@ -55,12 +55,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()
         )
-        engine = loop.run_until_complete(start())
-        thoughts, placement = None, OPENING
-        if args.summary:
-            model = SoftThoughtAux.from_pretrained(aux, expected_fingerprint=engine.info()["fingerprint"]).eval()
+        thoughts, placement, model = None, OPENING, None
+        if args.summary:  # before the engine starts: see engine_bench.run on OpenMP pools
+            model = SoftThoughtAux.from_pretrained(aux).eval()
             with torch.inference_mode():
                 thoughts, placement = model.encode([args.summary])[0], model.placement
+        engine = loop.run_until_complete(start())
+        if model is not None:
+            model.config.check_backbone(engine.info()["fingerprint"], aux)
         prompt = build_chat_prompt(engine.tokenizer, messages, thoughts, placement=placement)
         engine.check(prompt)
     except (CheckpointError, PromptError, ValueError, OSError, RuntimeError) as exc:

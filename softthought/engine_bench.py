@@ -19,23 +19,23 @@ from pathlib import Path
 
 import torch
 
+from .aux_model import AuxConfig, SoftThoughtAux
 from .bench import STORY_PROMPTS, SUMMARY_SENTENCES, process_tree_rss_mb
 from .engine import EngineSpec, make_engine
 from .generation import SamplingParams
+from .pipeline import default_aux_dir
 from .splice import Placement, build_chat_prompt
 
 END = Placement(at_end=True)
 
 
-def _thoughts(engine, aux_dir: str | None, n: int) -> list[torch.Tensor]:
+def _thoughts(aux_dir: str | None, n: int) -> tuple[list[torch.Tensor], AuxConfig]:
     """n users' thoughts from the auxiliary checkpoint (placed at the end whatever the checkpoint's placement: speed
-    does not depend on what they say)."""
-    from .aux_model import SoftThoughtAux
-    from .pipeline import default_aux_dir
-
-    aux = SoftThoughtAux.from_pretrained(aux_dir or default_aux_dir(), expected_fingerprint=engine.info()["fingerprint"])
+    does not depend on what they say), and its config."""
+    aux = SoftThoughtAux.from_pretrained(aux_dir or default_aux_dir())
     with torch.inference_mode():
-        return [aux.encode([f"{SUMMARY_SENTENCES[i % len(SUMMARY_SENTENCES)]} Reader {i}."])[0] for i in range(n)]
+        thoughts = [aux.encode([f"{SUMMARY_SENTENCES[i % len(SUMMARY_SENTENCES)]} Reader {i}."])[0] for i in range(n)]
+    return thoughts, aux.config
 
 
 async def _one(engine, prompt, params, rid) -> dict:
@@ -90,6 +90,11 @@ async def measure(engine, thoughts: list[torch.Tensor], max_tokens: int, system_
 
 def run(engines: list[str], out_dir: Path, aux: str | None, dtype: str, max_tokens: int = 64,
         system_tokens: int = 1000) -> dict:
+    # The thoughts first, on one OpenMP thread: torch ops run on this thread once the reference engine's thread has
+    # set its thread count would start a second OpenMP worker pool beside the engine's, which slows its decoding by a
+    # third on 2 cores (the server encodes in another process).
+    torch.set_num_threads(1)
+    thoughts, aux_config = _thoughts(aux, 16)
     results: dict = {"meta": {"cores": os.cpu_count(), "dtype": dtype, "max_tokens": max_tokens,
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     for kind in engines:
@@ -104,7 +109,8 @@ def run(engines: list[str], out_dir: Path, aux: str | None, dtype: str, max_toke
         engine = loop.run_until_complete(start())
         startup = time.perf_counter() - started
         try:
-            entry = loop.run_until_complete(measure(engine, _thoughts(engine, aux, 16), max_tokens, system_tokens))
+            aux_config.check_backbone(engine.info()["fingerprint"], aux or "(the shipped one)")
+            entry = loop.run_until_complete(measure(engine, thoughts, max_tokens, system_tokens))
             entry.update(startup_s=startup, rss_mb=process_tree_rss_mb(os.getpid()) - before, info=engine.info())
         finally:
             engine.close()
