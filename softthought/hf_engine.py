@@ -50,7 +50,8 @@ class HFEngine(ServingEngine):
         # than there are cores: a second pool (say, from loading on this thread) makes each of the decoder's
         # small ops wait on a futex wake-up, and decoding ran 30-40% slower on 2 cores.
         loaded: Future = Future()
-        threading.Thread(target=self._run, args=(spec, device, loaded), name="engine", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(spec, device, loaded), name="engine", daemon=True)
+        self._thread.start()
         loaded.result()
 
     def info(self) -> dict:
@@ -103,8 +104,11 @@ class HFEngine(ServingEngine):
         return self.engine.num_unfinished()
 
     def close(self) -> None:
+        # joined, not left to die with the interpreter: a thread still inside torch when the process exits aborts it
+        # ("terminate called without an active exception")
         self._stopped = True
         self._wake.set()
+        self._thread.join(timeout=60)
 
     def _run(self, spec: EngineSpec, device: str, loaded: Future) -> None:
         # OpenMP's thread count is per thread: without this the engine thread keeps Ray's OMP_NUM_THREADS.

@@ -149,3 +149,12 @@ def test_auto_picks_vllm_only_with_a_gpu():
     assert resolve_engine("auto") == ("vllm" if torch.cuda.is_available() and vllm_available() else "hf")
     with pytest.raises(ValueError, match="engine must be one of"):
         resolve_engine("tgi")
+
+
+def test_closing_the_reference_engine_ends_its_thread(tiny_dir):
+    """A thread still inside torch when the process exits aborts it (`softthought chat` exited with SIGABRT one
+    time in three before close() joined it)."""
+    eng = make_engine("hf", EngineSpec(backbone=tiny_dir, dtype="float32"))
+    assert eng._thread.is_alive()
+    eng.close()
+    assert not eng._thread.is_alive()
