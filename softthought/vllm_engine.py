@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from .backbone import eos_ids, files_fingerprint, longest_token_chars, resolve_backbone_path
+from .backbone import EMBEDDED_BACKBONE, eos_ids, files_fingerprint, longest_token_chars, resolve_backbone_path
 from .engine import EngineSpec, ServingEngine
 from .generation import SamplingParams
 from .splice import Prompt
@@ -44,7 +44,7 @@ class VllmEngine(ServingEngine):
             generation_config = None
         self._eos = sorted(eos_ids(generation_config, self.tokenizer))
         self._info = {
-            "name": spec.backbone or "embedded:SmolLM2-135M-Instruct",
+            "name": spec.backbone or EMBEDDED_BACKBONE,
             "fingerprint": files_fingerprint(path),
             "hidden_size": config.get_text_config().hidden_size,
             "max_context": int(getattr(config.get_text_config(), "max_position_embeddings", 2048)),
