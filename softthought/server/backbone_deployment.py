@@ -47,7 +47,6 @@ class BackboneDeployment:
                 prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, placement=placement)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
-            self.engine.check(prompt)
             outputs = self.engine.generate(prompt, SamplingParams(**request["params"]), request["request_id"],
                                            request.get("stream", True))
             first = await anext(outputs)
