@@ -151,6 +151,8 @@ class _SamplingRequest(_Strict):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # OpenAI's: keep the completion; here, with a `user`, so that the user may rate it (POST /v1/feedback)
+    store: StrictBool = False
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: dict | None = None
 
@@ -199,6 +201,25 @@ class CompletionRequest(_SamplingRequest):
 
 class PreferenceBody(_Strict):
     summary: str
+
+
+class OnboardingAnswer(_Strict):
+    question: str = Field(min_length=1, max_length=64)
+    choice: str = Field(min_length=1, max_length=64, description="an option's id, or 'neither'")
+
+
+class FeedbackBody(_Strict):
+    id: str = Field(min_length=1, max_length=128, description="the rated completion's id, from this server")
+    user: UserId = Field(min_length=1)
+    rating: StrictInt = Field(description="1 (liked) or -1 (disliked)")
+    choice: StrictInt = Field(default=0, ge=0, description="which of the completion's choices is rated")
+
+    @field_validator("rating")
+    @classmethod
+    def _up_or_down(cls, v):
+        if v not in (1, -1):
+            raise ValueError("a rating is 1 (liked) or -1 (disliked)")
+        return v
 
 
 class RolloutBody(_Strict):

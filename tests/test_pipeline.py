@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from softthought.generation import SamplingParams
+from softthought.ifeval import check_all
 from softthought.pipeline import DEFAULT_AUX_DIR, Pipeline, default_aux_dir
-from train_aux.checks import check_all
 from train_aux.data import read_jsonl
 
 DATA = Path(__file__).parents[1] / "train_aux" / "data"

@@ -91,7 +91,9 @@ def test_a_first_release_sqlite_file_opens_and_migrates(tmp_path):
     assert store.get("other", "alice") is None
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"schema_version", "preferences", "version_counters"}
+    assert tables == {"schema_version", "preferences", "version_counters", "onboarding_sessions", "preference_evidence",
+                      "stored_completions"}
+    assert store.get(DEFAULT_TENANT, "bob").summary_source == "put"  # what a client wrote before the memory existed
 
 
 def test_the_store_benchmark_measures_each_operation(store_url):
@@ -110,3 +112,37 @@ def test_replicas_opening_a_fresh_store_together_create_it_once(store_url):
         stores = list(pool.map(lambda _: open_store(store_url), range(4)))  # each would create the tables alone
     assert [s.schema_version() for s in stores] == [SCHEMA_VERSION] * 4
     assert stores[0].put("t", "u", "x").version == 1 and stores[3].get("t", "u").summary == "x"
+
+
+def test_a_learned_summary_keeps_its_source_and_profile(store_url):
+    store = open_store(store_url)
+    profile = [{"preference": "language:fr", "instruction_id": "language:response_language", "kwargs": {"language": "fr"},
+                "probability": 0.97}]
+    learned = store.put("t", "u", "Please always answer me in French.", "onboarding", profile)
+    assert store.get("t", "u") == learned and learned.to_dict()["profile"] == profile
+    assert store.put("t", "u", "Be brief.").to_dict() | {"updated_at": 0} == {
+        "user": "u", "summary": "Be brief.", "version": 2, "updated_at": 0, "summary_source": "put", "profile": None}
+
+
+def test_sessions_evidence_and_kept_completions_belong_to_one_tenants_user_and_are_forgotten_with_it(store_url):
+    import time
+
+    store = open_store(store_url)
+    store.save_session("s1", "t", "u", {"asked": ["q1"]}, time.time() + 60)
+    store.save_session("s1", "t", "u", {"asked": ["q1", "q2"]}, 0)  # an update keeps the expiry
+    state, expires = store.load_session("s1", "t", "u")
+    assert state == {"asked": ["q1", "q2"]} and expires > time.time()
+    assert store.load_session("s1", "other", "u") is None and store.load_session("s1", "t", "v") is None
+    store.set_evidence("t", "u", [{"question": "q1", "answer": "o2"}])
+    assert store.evidence("t", "u") == [{"question": "q1", "answer": "o2"}] and store.evidence("t2", "u") == []
+    for i in range(5):
+        store.keep_completion(f"c{i}", "t", "u", [f"reply {i}"], keep_s=60, most=3)
+    assert [store.completion(f"c{i}", "t", "u") for i in range(5)] == [None, None, ["reply 2"], ["reply 3"], ["reply 4"]]
+    assert store.completion("c4", "t2", "u") is None and store.completion("c4", "t", "v") is None
+    store.keep_completion("old", "t", "u", ["x"], keep_s=-1, most=3)
+    assert store.completion("old", "t", "u") is None  # expired
+    store.end_session("s1")
+    assert store.load_session("s1", "t", "u") is None
+    store.save_session("s2", "t", "u", {}, time.time() + 60)
+    assert store.forget("t", "u") is True and store.forget("t", "u") is False
+    assert store.load_session("s2", "t", "u") is None and store.evidence("t", "u") == [] and store.completion("c4", "t", "u") is None

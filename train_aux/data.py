@@ -16,7 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checks import check, check_all, is_loop
+from softthought.ifeval import check, check_all
+
+from .checks import is_loop
 from .paths import shared_data
 from .users import LANGUAGE_NAMES, LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone
 from softthought.generation import Engine, SamplingParams
+from softthought.ifeval import check_all
 from softthought.splice import (
     OPENING,
     Placement,
@@ -38,7 +39,7 @@ from softthought.splice import (
     with_system_text,
 )
 
-from .checks import check_all, is_loop
+from .checks import is_loop
 from .data import read_jsonl, summary_before
 from .ifeval_phrasings import split_of
 from .paths import shared_data
@@ -504,13 +505,24 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--tasks", default="arc_easy,hellaswag,piqa")
     b.add_argument("--n", type=int, default=100)
     b.add_argument("--users", required=True, help="their thoughts go before the items (round-robin)")
-    for s in (p, g, f, b):
+    o = sub.add_parser("onboarding", help="the preference memory with simulated users: recovery against questions asked, "
+                                          "and the learned summaries' thoughts against the users' own (train_aux.onboarding_eval)")
+    o.add_argument("--prompts", required=True)
+    o.add_argument("--recovery-users", type=int, default=300)
+    o.add_argument("--questions", type=int, default=10)
+    o.add_argument("--confidence", type=float, default=0.95, help="the server's stopping rule (onboarding_confidence)")
+    o.add_argument("--n-users", type=int, default=60, help="simulated users generating replies, per noise level")
+    o.add_argument("--pairs-per-user", type=int, default=2)
+    o.add_argument("--max-new-tokens", type=int, default=96)
+    o.add_argument("--plot", help="PNG of the recovery curves")
+    for s in (p, g, f, b, o):
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
         s.add_argument("--backbone")
         s.add_argument("--dtype", default="bfloat16")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--json", required=True)
+    o.add_argument("--users", help=argparse.SUPPRESS)  # the simulated users are drawn from the question bank
     args = ap.parse_args(argv)
     backbone = load_backbone(args.backbone, dtype=args.dtype)
     aux = None
@@ -521,8 +533,22 @@ def main(argv: list[str] | None = None) -> None:
         if path is None:
             ap.error("no auxiliary checkpoint: pass --aux DIR or --no-aux")
         aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).eval()
-    users = read_jsonl(args.users)
-    if args.command == "ifeval":
+    users = read_jsonl(args.users) if args.users else []
+    if args.command == "onboarding":
+        from softthought.preference_memory import Bank
+
+        from . import onboarding_eval as ob
+
+        if aux is None:
+            ap.error("onboarding compares summaries through their thoughts: it needs an auxiliary checkpoint")
+        bank, prompts = Bank.load(), [r["prompt"] for r in read_jsonl(args.prompts)]
+        report = {"recovery": ob.recovery(bank, args.recovery_users, args.questions, args.seed)}
+        gen = (prompts, args.n_users, args.seed, args.pairs_per_user, args.max_new_tokens)
+        report["end_to_end"] = ob.end_to_end(backbone, aux, bank, *gen, args.questions, args.confidence)
+        report["semantic_vs_episodic"] = ob.semantic_vs_episodic(backbone, aux, bank, *gen)
+        if args.plot:
+            ob.plot(report, args.plot)
+    elif args.command == "ifeval":
         if aux is None:
             ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
         report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed)
@@ -554,7 +580,11 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     # the summary leaves out the per-item scores: they are for the JSON file, not the terminal
-    if args.command == "ifeval":
+    if args.command == "onboarding":
+        summary = {"questions_to_80": {k: c["questions_to_80"] for k, c in report["recovery"]["curves"].items()},
+                   **{k: v["check_pass_rate"] for k, v in report["end_to_end"].items()},
+                   "semantic_vs_episodic": report["semantic_vs_episodic"]["check_pass_rate"]}
+    elif args.command == "ifeval":
         summary = {k: report[k] for k in ("n", "soft_minus_none")} | {
             c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")} for c in ("none", "soft")}
     else:

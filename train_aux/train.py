@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
+from softthought.generation import Engine, SamplingParams
 from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
@@ -87,6 +88,12 @@ class TrainConfig(BaseModel):
     # generation header included (no text reads them, and every prompt shares the plain prompt's prefix cache).
     # None keeps the --init/--resume checkpoint's (new: system).
     thoughts_at: Literal["system", "end"] | None = None
+    # Weight of a sequence-level unlikelihood term on the student's own greedy replies (`unlikelihood_loss`), run every
+    # `rollout_every` steps on the batch's first `rollout_batch` prompts for up to `rollout_tokens` tokens.
+    rollout_weight: float = 0.0
+    rollout_every: int = 2
+    rollout_batch: int = 8
+    rollout_tokens: int = 96
     preserve_batch: int = 4
     preserve_tokens: int = 96
     grad_clip: float = 1.0
@@ -204,6 +211,20 @@ def edited_chars(source: str, target: str) -> list[bool]:
     return flags
 
 
+def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies: list[list[int]]) -> list[torch.Tensor]:
+    """The log-probability of each reply's tokens read after its prompt (teacher forced), one [len] tensor each."""
+    sequences = [torch.cat([embed_prompt(table, p), table(torch.tensor(ids))]) for p, ids in zip(prompts, replies)]
+    embeds, mask, positions = left_pad(sequences)
+    length = mask.shape[1]
+    attention = hiding_mask(mask, [p.hidden_thoughts(length - len(s)) for p, s in zip(prompts, sequences)], embeds.dtype)
+    logits = model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
+    out = []
+    for i, ids in enumerate(replies):  # left padding: each reply ends its row, and position t predicts token t+1
+        logp = F.log_softmax(logits[i, length - len(ids) - 1 : length - 1].float(), dim=-1)
+        out.append(logp.gather(1, torch.tensor(ids)[:, None])[:, 0])
+    return out
+
+
 def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
                 max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each target reply (+ end of turn) after its prompt; returns (loss, target tokens).
@@ -212,8 +233,8 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
     (where the reply's length is decided) count `edit_weight` times in the weighted mean.
     """
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    sequences, target_ids, target_weights = [], [], []
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+    target_ids, target_weights = [], []
+    for i, target in enumerate(targets):
         enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=sources is not None)
         ids = (enc["input_ids"] + [end])[:max_target]
         weights = [1.0] * len(ids)
@@ -221,23 +242,39 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
             flags = edited_chars(sources[i], target)
             spans = list(enc["offset_mapping"]) + [(len(target), len(target) + 1)]
             weights = [edit_weight if a >= len(target) or any(flags[a:b]) else 1.0 for a, b in spans[: len(ids)]]
-        sequences.append(torch.cat([embed_prompt(table, prompt), table(torch.tensor(ids))]))
         target_ids.append(ids)
         target_weights.append(weights)
-    embeds, mask, positions = left_pad(sequences)
-    attention = hiding_mask(mask, [p.hidden_thoughts(mask.shape[1] - len(s)) for p, s in zip(prompts, sequences)],
-                            embeds.dtype)
-    labels = torch.full(mask.shape, -100, dtype=torch.long)
-    weights = torch.zeros(mask.shape)
-    for i, (ids, w) in enumerate(zip(target_ids, target_weights)):
-        labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids)
-        weights[i, mask.shape[1] - len(ids):] = torch.tensor(w)
-    logits = model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
-    # position t predicts token t+1
-    per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                ignore_index=-100, reduction="none")
-    w = weights[:, 1:].reshape(-1)
-    return (per_token * w).sum() / w.sum(), sum(len(t) for t in target_ids)
+    nll = -torch.cat(reply_logprobs(model, table, prompts, target_ids))
+    w = torch.tensor([x for ws in target_weights for x in ws])
+    return (nll * w).sum() / w.sum(), sum(len(t) for t in target_ids)
+
+
+def repeated_positions(ids: list[int], n: int = 4) -> list[int]:
+    """The indices of the tokens that complete an n-gram `ids` already had before them."""
+    seen, out = set(), []
+    for t in range(n - 1, len(ids)):
+        gram = tuple(ids[t - n + 1 : t + 1])
+        if gram in seen:
+            out.append(t)
+        seen.add(gram)
+    return out
+
+
+def unlikelihood_loss(backbone: Backbone, engine: Engine, prompts: list[Prompt], max_tokens: int) -> tuple[torch.Tensor, float]:
+    """Sequence-level unlikelihood (Welleck et al., 2020) on the student's own greedy replies to `prompts`: -log(1 - p)
+    of every token that completes a 4-gram its reply already wrote, summed over the rollouts' tokens and divided by
+    their number. Loops are what the edited targets can teach and teacher forcing never shows: they happen only in
+    the model's own replies. Returns (loss, the share of rollout tokens that repeat)."""
+    detached = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments], p.reply_only) for p in prompts]
+    replies = [r.token_ids for r in engine.generate(detached, SamplingParams(max_tokens=max_tokens, temperature=0))]
+    total = max(1, sum(len(r) for r in replies))
+    looping = [(p, r, pos) for p, r in zip(prompts, replies) if (pos := repeated_positions(r))]
+    if not looping:
+        return torch.zeros(()), 0.0
+    logps = reply_logprobs(backbone.model, backbone.model.get_input_embeddings(), [p for p, _, _ in looping],
+                           [r for _, r, _ in looping])
+    unlikely = torch.cat([-torch.log1p(-lp[pos].exp().clamp(max=1 - 1e-6)) for lp, (_, _, pos) in zip(logps, looping)])
+    return unlikely.sum() / total, sum(len(pos) for _, _, pos in looping) / total
 
 
 def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
@@ -282,9 +319,10 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
 
 def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig,
                probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None,
-               texts: list[list[int]] | None = None) -> tuple[torch.Tensor, int]:
-    """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's and the
-    preservation term on `texts`, if given)."""
+               texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[torch.Tensor, int, float | None]:
+    """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's, the preservation term
+    on `texts`, and with an `engine` the unlikelihood of its own replies' repeats, if given); returns (loss, target
+    tokens, the share of rollout tokens that repeat or None)."""
     tok = backbone.tokenizer
     summaries = [ex.summary for ex in batch]
     copying = 0.0
@@ -308,7 +346,11 @@ def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         prefixes = (tok([summary_before(ex.summary, "") for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
         loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes, placement)
-    return loss, n_tokens
+    repeats = None
+    if engine is not None:
+        unlikely, repeats = unlikelihood_loss(backbone, engine, prompts[: cfg.rollout_batch], cfg.rollout_tokens)
+        loss = loss + cfg.rollout_weight * unlikely
+    return loss, n_tokens, repeats
 
 
 def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig,
@@ -393,14 +435,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         phases.append({"from_step": offset + start, "train_config": settings})
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data),
             "train_config": settings, "phases": phases, **({"init_steps": offset} if offset else {})}
-    t0, tokens, recent = time.perf_counter(), 0, []
+    engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 else None
+    t0, tokens, recent, repeats = time.perf_counter(), 0, [], []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             g["lr"] = base * lr_factor(step, cfg)
         batch = [examples.sample() for _ in range(cfg.batch_size)]
         preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts else None
-        loss, n_tokens = batch_loss(backbone, aux, batch, cfg, probe, check_ids, preserve)
+        rollout = engine if engine is not None and step % cfg.rollout_every == 0 else None
+        loss, n_tokens, repeat_share = batch_loss(backbone, aux, batch, cfg, probe, check_ids, preserve, rollout)
+        repeats += [] if repeat_share is None else [repeat_share]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)
@@ -411,9 +456,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if (step + 1) % cfg.log_every == 0:
             elapsed = time.perf_counter() - t0
             log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
-                                  "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1)}) + "\n")
+                                  "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1),
+                                  **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {})}) + "\n")
             log.flush()
-            recent = []
+            recent, repeats = [], []
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             _checkpoint(aux, optimizer, probe, examples, step + 1, last, {**meta, "step": offset + step + 1})
     assert all(p.grad is None for p in backbone.model.parameters()), "the backbone received gradients"

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from ..memory import MemorySettings
 from ..pipeline import DEFAULT_AUX_DIR, default_aux_dir
 
 
@@ -69,6 +70,21 @@ class ServerConfig(BaseModel):
     thought_cache_size: int = Field(4096, ge=0)
     backbone_threads: int | None = Field(None, ge=1, description="torch threads in a backbone replica; null = all cores")
     aux_threads: int = Field(1, ge=1)
+    onboarding_questions: str | None = Field(None, description="the onboarding question bank (JSON, built by "
+                                             "train_aux.onboarding_bank); null = the shipped one")
+    onboarding_max_questions: int = Field(10, ge=1)
+    onboarding_confidence: float = Field(0.95, gt=0, lt=1, description="onboarding stops once the most probable "
+                                         "preference set is this likely")
+    onboarding_session_ttl_s: float = Field(3600.0, gt=0)
+    feedback_min_ratings: int = Field(3, ge=1, description="ratings before feedback may revise a learned summary")
+    completion_retention_s: float = Field(30 * 86400.0, gt=0, description="how long a completion requested with "
+                                          "store: true (and a user) can be rated")
+    max_stored_completions: int = Field(50, ge=1, description="per user; older stored completions are dropped")
+
+    def memory_settings(self) -> MemorySettings:
+        return MemorySettings(self.onboarding_max_questions, self.onboarding_confidence, session_ttl_s=self.onboarding_session_ttl_s,
+                              min_ratings=self.feedback_min_ratings, completion_retention_s=self.completion_retention_s,
+                              max_stored_completions=self.max_stored_completions)
 
     def resolved_aux_checkpoint(self) -> str | None:
         if self.aux_checkpoint == "default":

@@ -21,6 +21,8 @@ from starlette.routing import Match
 
 from .. import protocol as oai
 from ..aux_model import CheckpointError
+from ..memory import PreferenceMemory
+from ..preference_memory import DEFAULT_BANK, Bank
 from ..splice import THOUGHT_MARKER
 from ..store import DEFAULT_TENANT, open_store
 from . import metrics
@@ -203,6 +205,8 @@ class Ingress:
         self.aux, self.backbone = aux, backbone
         self.stream_backbone = backbone.options(stream=True)
         self.store = open_store(self.config.resolved_store())
+        self.memory = PreferenceMemory(self.store, Bank.load(self.config.onboarding_questions or DEFAULT_BANK),
+                                       self.config.memory_settings())
         self.api_keys = self.config.resolved_api_keys()  # key -> tenant
         self.admin_keys = self.config.resolved_admin_keys()
         self.checkpoint_roots = self.config.resolved_checkpoint_roots()
@@ -338,7 +342,7 @@ class Ingress:
         timing = _Timing(arrival)
         merged = _merge(streams)
         if req.stream:
-            gen = self._stream(req, merged, request_id, chat, ext, prompt_tokens, timing)
+            gen = self._stream(req, merged, request_id, chat, ext, prompt_tokens, timing, tenant)
             return StreamingResponse(gen, media_type="text/event-stream")
         texts, reasons, completion, ttfts = [""] * req.n, [None] * req.n, 0, []
         try:
@@ -359,11 +363,17 @@ class Ingress:
             await merged.aclose()
         timing.first_token(dispatched + min(ttfts))  # measured where the first token appeared
         timing.done(completion)
+        await self._keep(req, request_id, tenant, texts)
         build = oai.chat_completion if chat else oai.text_completion
         return JSONResponse(build(request_id, req.model, list(zip(texts, reasons)), prompt_tokens, completion, ext))
 
+    async def _keep(self, req, request_id: str, tenant: str, texts: list[str]) -> None:
+        """A chat completion the client asked to store, for its user to rate."""
+        if getattr(req, "store", False) and req.user:
+            await asyncio.to_thread(self.memory.keep, request_id, tenant, req.user, texts)
+
     async def _stream(self, req, merged, request_id: str, chat: bool, ext: dict, prompt_tokens: int,
-                      timing: _Timing) -> AsyncIterator[str]:
+                      timing: _Timing, tenant: str) -> AsyncIterator[str]:
         created = oai.now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -373,7 +383,7 @@ class Ingress:
                 return oai.chat_chunk(request_id, req.model, created, i, delta, finish, include_usage, extension)
             return oai.text_chunk(request_id, req.model, created, i, text or "", finish, include_usage, extension)
 
-        completion = 0
+        completion, texts = 0, [""] * req.n
         deadline = time.monotonic() + self.config.request_timeout_s
         try:
             if chat:
@@ -387,6 +397,7 @@ class Ingress:
                     yield _sse(_engine_error(item["error"]).body())
                     return
                 finish = item.get("finish_reason")
+                texts[i] += item["delta"]
                 if item["delta"] or finish:
                     yield _sse(chunk(i, item["delta"], finish, extension=None if chat else ext))
                 if finish:
@@ -395,6 +406,7 @@ class Ingress:
                     yield _sse(oai.APIError(504, "The request timed out.", code="timeout", type="timeout").body())
                     return
             timing.done(completion)
+            await self._keep(req, request_id, tenant, texts)
             if include_usage:
                 yield _sse({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                             "created": created, "model": req.model, "choices": [],
@@ -440,13 +452,44 @@ class Ingress:
         return pref.to_dict()
 
     @app.delete("/v1/users/{user}/preferences")
-    @app.delete("/v1/users/{user}")  # everything stored for the user (a right to be forgotten): today, the summary
     async def delete_preferences(self, user: str, request: Request) -> dict:
         tenant = self._authorize(request)
         oai.check_user_id(user)
         if not await asyncio.to_thread(self.store.delete, tenant, user):
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return {"user": user, "deleted": True}
+
+    @app.delete("/v1/users/{user}")
+    async def forget_user(self, user: str, request: Request) -> dict:
+        """Everything stored for the user (a right to be forgotten): the summary, onboarding sessions, the answers and
+        ratings it was learned from, and the completions kept for rating."""
+        tenant = self._authorize(request)
+        oai.check_user_id(user)
+        if not await asyncio.to_thread(self.store.forget, tenant, user):
+            raise oai.APIError(404, f"Nothing is stored for user '{user}'.", param="user", code="user_not_found")
+        return {"user": user, "deleted": True}
+
+    @app.post("/v1/users/{user}/onboarding")
+    async def start_onboarding(self, user: str, request: Request) -> dict:
+        """A session that learns the user's preferences from their choices; its first question."""
+        tenant = self._authorize(request)
+        oai.check_user_id(user)
+        return await asyncio.to_thread(self.memory.start, tenant, user)
+
+    @app.post("/v1/users/{user}/onboarding/{session}/answers")
+    async def answer_onboarding(self, user: str, session: str, request: Request) -> dict:
+        """The user's choice for the session's question: the next question, or the learned summary once done."""
+        tenant = self._authorize(request)
+        oai.check_user_id(user)
+        body = await _parse(request, oai.OnboardingAnswer, self.config.max_body_bytes)
+        return await asyncio.to_thread(self.memory.answer, tenant, user, session, body.question, body.choice)
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict:
+        """A rating of a stored completion: evidence for the user's preferences, which may revise a learned summary."""
+        tenant = self._authorize(request)
+        body = await _parse(request, oai.FeedbackBody, self.config.max_body_bytes)
+        return await asyncio.to_thread(self.memory.rate, tenant, body.user, body.id, body.rating, body.choice)
 
     @app.get("/admin/aux")
     async def aux_info(self, request: Request) -> dict:

@@ -24,7 +24,7 @@ FIELDS = {
     "stream": json_values, "stream_options": json_values, "preference_summary": json_values, "ignore_eos": json_values,
     "presence_penalty": json_values, "frequency_penalty": json_values, "logprobs": json_values,
     "response_format": json_values, "echo": json_values, "max_tokens": small_counts, "n": small_counts,
-    "max_completion_tokens": small_counts,
+    "max_completion_tokens": small_counts, "store": json_values,
 }
 
 
@@ -55,3 +55,18 @@ def test_generated_bodies_never_get_a_5xx(http, case):
         assert resp.text.rstrip().endswith("data: [DONE]")
     else:
         assert resp.json()["choices"]
+
+
+MEMORY_FIELDS = {"id": json_values, "user": json_values, "rating": json_values, "choice": json_values,
+                 "question": json_values}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(body=st.dictionaries(st.sampled_from(sorted(MEMORY_FIELDS)) | strings, json_values, max_size=4)
+       | json_values, route=st.sampled_from(["/v1/feedback", "/v1/users/hostile/onboarding/onb-x/answers"]))
+def test_generated_feedback_and_answer_bodies_never_get_a_5xx(http, body, route):
+    resp = http.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert 400 <= resp.status_code < 500, (body, resp.text)
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "Traceback" not in error["message"]

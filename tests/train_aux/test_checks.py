@@ -1,6 +1,7 @@
 import pytest
 
-from train_aux.checks import CHECK_IDS, check
+from softthought.ifeval import check
+from train_aux.checks import CHECK_IDS
 
 CASES = [
     ("language:response_language", {"language": "fr"}, "Bonjour, je suis très content de vous aider aujourd'hui.", True),
@@ -60,7 +61,7 @@ def test_every_supported_id_is_covered():
 
 
 def test_unknown_check_is_refused():
-    with pytest.raises(ValueError, match="unknown check"):
+    with pytest.raises(ValueError, match="unknown IFEval instruction"):
         check("x", "format:json")
 
 

@@ -1,7 +1,8 @@
 import random
 import re
 
-from train_aux.checks import CHECK_IDS, check_all
+from softthought.ifeval import check_all
+from train_aux.checks import CHECK_IDS
 from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_texts, whole_sentences
 from train_aux.users import KINDS, STYLES, TRAINED, ZERO_SHOT, compatible, kind_of, make_users, phrasings
 

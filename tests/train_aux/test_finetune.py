@@ -5,7 +5,7 @@ from dataclasses import asdict
 import pytest
 
 from softthought.backbone import load_backbone
-from train_aux.checks import check_all
+from softthought.ifeval import check_all
 from train_aux.data import read_jsonl
 from train_aux.train import data_hash
 

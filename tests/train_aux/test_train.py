@@ -13,20 +13,25 @@ from train_aux.train import (
     load_config,
     preservation_loss,
     preservation_texts,
+    repeated_positions,
+    reply_logprobs,
     target_loss,
     train,
+    unlikelihood_loss,
 )
 
 
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
     cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
                                  num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
-                                 probe_weight=0.5, preserve_weight=1.0, preserve_batch=2, preserve_tokens=16))
+                                 probe_weight=0.5, preserve_weight=1.0, preserve_batch=2, preserve_tokens=16,
+                                 rollout_weight=1.0, rollout_every=2, rollout_batch=2, rollout_tokens=12))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
+    assert [e["step"] for e in events if "rollout_repeats" in e] == [1, 3]  # rollouts every second step
     aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
     assert aux.config.metadata["steps"] == 3 and aux.config.metadata["data_hash"]
     # resume: continuing to 5 steps starts from step 3's state (here with the KL on question-answer text instead)
@@ -65,6 +70,34 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     # a phase that moves the thoughts after the prompt
     moved = train(init.model_copy(update={"out": str(tmp_path / "end"), "thoughts_seen_by": None, "thoughts_at": "end"}))
     assert SoftThoughtAux.from_pretrained(moved, backbone=tiny).placement == Placement(at_end=True)
+
+
+def test_repeated_positions_are_the_tokens_that_complete_a_4gram_seen_before():
+    assert repeated_positions([1, 2, 3, 4, 1, 2, 3, 4, 5]) == [7]
+    assert repeated_positions([7, 7, 7, 7, 7, 7]) == [4, 5]
+    assert repeated_positions([1, 2, 3, 1, 2, 4, 1, 2, 3]) == []
+
+
+def test_unlikelihood_is_minus_log_one_minus_p_of_the_greedy_replies_repeats_and_reaches_only_the_thoughts(tiny):
+    from softthought.generation import Engine, SamplingParams
+    from softthought.splice import Prompt, build_chat_prompt
+
+    table, tok = tiny.model.get_input_embeddings(), tiny.tokenizer
+    thoughts = (table.weight[:8].detach().clone().reshape(2, 4, -1) * 3).requires_grad_()
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": q}], th) for q, th in zip(["Hi", "Why?"], thoughts)]
+    engine = Engine(tiny)
+    loss, share = unlikelihood_loss(tiny, engine, prompts, 32)
+    loss.backward()
+    assert thoughts.grad.abs().sum() > 0 and all(p.grad is None for p in tiny.model.parameters())
+    # the same figures from the replies generated and scored apart
+    plain = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments]) for p in prompts]
+    replies = [r.token_ids for r in engine.generate(plain, SamplingParams(max_tokens=32, temperature=0))]
+    flagged = [repeated_positions(r) for r in replies]
+    assert share == sum(map(len, flagged)) / sum(map(len, replies)) > 0  # a random-init backbone repeats itself
+    with torch.no_grad():
+        logps = reply_logprobs(tiny.model, table, prompts, replies)
+    expected = sum(-torch.log(1 - lp[pos].exp()).sum() for lp, pos in zip(logps, flagged)) / sum(map(len, replies))
+    assert torch.allclose(loss, expected, rtol=1e-4)
 
 
 def test_config_refuses_an_unknown_preservation_text():
