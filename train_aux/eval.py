@@ -535,19 +535,15 @@ def main(argv: list[str] | None = None) -> None:
         aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).eval()
     users = read_jsonl(args.users) if args.users else []
     if args.command == "onboarding":
-        from softthought.preference_memory import Bank
-
-        from . import onboarding_eval as ob
+        from . import onboarding_eval
 
         if aux is None:
             ap.error("onboarding compares summaries through their thoughts: it needs an auxiliary checkpoint")
-        bank, prompts = Bank.load(), [r["prompt"] for r in read_jsonl(args.prompts)]
-        report = {"recovery": ob.recovery(bank, args.recovery_users, args.questions, args.seed)}
-        gen = (prompts, args.n_users, args.seed, args.pairs_per_user, args.max_new_tokens)
-        report["end_to_end"] = ob.end_to_end(backbone, aux, bank, *gen, args.questions, args.confidence)
-        report["semantic_vs_episodic"] = ob.semantic_vs_episodic(backbone, aux, bank, *gen)
+        report = onboarding_eval.evaluate(backbone, aux, [r["prompt"] for r in read_jsonl(args.prompts)], args.seed,
+                                          args.recovery_users, args.questions, args.confidence, args.n_users,
+                                          args.pairs_per_user, args.max_new_tokens)
         if args.plot:
-            ob.plot(report, args.plot)
+            onboarding_eval.plot(report, args.plot)
     elif args.command == "ifeval":
         if aux is None:
             ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")

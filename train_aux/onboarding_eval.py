@@ -143,6 +143,19 @@ def semantic_vs_episodic(backbone: Backbone, aux: SoftThoughtAux, bank: Bank, pr
             "semantic_minus_episodic": paired_checks(epi["text"]["passed"], sem["soft"]["passed"], sem["pairs"])}
 
 
+def evaluate(backbone: Backbone, aux: SoftThoughtAux, prompts: list[str], seed: int = 0, recovery_users: int = 300,
+             questions: int = 10, confidence: float = 0.95, n_users: int = 60, pairs_per_user: int = 2,
+             max_new_tokens: int = 96) -> dict:
+    """All three measurements on the shipped question bank."""
+    bank = Bank.load()
+    gen = (prompts, n_users, seed, pairs_per_user, max_new_tokens)
+    return {"recovery": recovery(bank, recovery_users, questions, seed),
+            "end_to_end": end_to_end(backbone, aux, bank, *gen, questions, confidence),
+            "semantic_vs_episodic": semantic_vs_episodic(backbone, aux, bank, *gen),
+            "settings": {"seed": seed, "questions": questions, "confidence": confidence, "n_users": n_users,
+                         "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens}}
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
 

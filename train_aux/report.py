@@ -21,6 +21,7 @@ from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
 
+from . import onboarding_eval
 from .data import read_jsonl
 from .eval import PER_CHOICE, PERSONALIZATION_FORMAT, general, paired_backbones, paired_checks, personalization
 from .finetune import DEFAULT_LR, DEFAULT_STEPS, FinetuneConfig, finetune, recipe
@@ -94,6 +95,8 @@ def collect(args) -> dict:
             backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True,
             plain_loglik={t: res["gen"][t]["plain_loglik"] for t in TASKS}, users_per_item=args.users_per_item),
             conditions=["text"], **general_settings)
+    res["onboarding"] = _run(out / "onboarding.json", args.rerun, lambda: onboarding_eval.evaluate(
+        backbone, aux, prompts, args.seed), aux.version)  # the eval command's JSON (`eval onboarding`) is reused
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
@@ -257,8 +260,44 @@ def render(res: dict) -> str:
                      f"{cell(p['soft'], i)} | {cell(res['pers_lora']['text'], i)} | {cell(res['pers_full']['text'], i)} |")
     lines += ["", f"Mean prompt length: text {p['text']['mean_prompt_tokens']:.0f} positions, soft "
               f"{p['soft']['mean_prompt_tokens']:.0f} (K thoughts counted), none {p['none']['mean_prompt_tokens']:.0f}.",
-              "", "![results](results.png)", ""]
-    return "\n".join(lines)
+              "", "![results](results.png)"]
+    if "onboarding" in res:
+        lines += [*onboarding_section(res["onboarding"]), "", "![onboarding](onboarding_eval.png)"]
+    return "\n".join([*lines, ""])
+
+
+def onboarding_section(ob: dict) -> list[str]:
+    """The preference memory with simulated users (`train_aux.onboarding_eval`)."""
+    rec, st = ob["recovery"], ob["settings"]
+    k = len(next(iter(rec["curves"].values()))["recovered"])
+    lines = ["", "## Preference memory: onboarding and feedback (simulated users)", "",
+             f"{rec['n_users']} simulated users with 1-3 hidden preferences of the question bank's catalogue answer by "
+             "IFEval's checkers (the option passing most of their preferences, else \"neither\"); noise flips that share of "
+             f"answers. Exactly recovered after k questions (± SE); adaptive = expected information gain "
+             "(`onboarding_eval.png`):", "",
+             "| selection, noise | " + " | ".join(f"k={i}" for i in (1, 3, 5, 7, k)) + " | questions to 80 % |",
+             "|---|" + "---|" * 6]
+    for name, c in rec["curves"].items():
+        cells = [_pm(100 * c["recovered"][i - 1], 100 * c["se"][i - 1], 0) for i in (1, 3, 5, 7, k)]
+        lines.append(f"| {name.replace('_noise_', ', ')} | " + " | ".join(cells) + f" | {c['questions_to_80'] or f'> {k}'} |")
+    lines += ["", f"End to end ({st['n_users']} users per noise level, {st['pairs_per_user']} prompts each, greedy, "
+              f"{st['max_new_tokens']} tokens; onboarding stops at {st['confidence']} confidence or {st['questions']} "
+              "questions): checks passed by the soft thoughts of the summary onboarding learned, of the user's own summary "
+              "(held-out phrasings) and with none.", "",
+              "| noise | exactly recovered | none | own summary | learned summary | learned / own | learned - own (points, paired) |",
+              "|---|---|---|---|---|---|---|"]
+    for name, e in ob["end_to_end"].items():
+        r, d = e["check_pass_rate"], e["learned_minus_own"]
+        lines.append(f"| {name.removeprefix('noise_')} | {100 * e['exactly_recovered']:.0f} % | {100 * r['none']:.1f} % | "
+                     f"{100 * r['own_summary']:.1f} % | {100 * r['learned_summary']:.1f} % | {e['learned_over_own']:.2f} | "
+                     f"{_pm(100 * d['check_pass_rate'], 100 * d['check_pass_rate_se'], 1, '+')} (n={e['n_checks']}) |")
+    m = ob["semantic_vs_episodic"]
+    d = m["semantic_minus_episodic"]
+    lines += ["", f"Semantic against episodic memory (PRIME), {m['n_users']} users who rated {m['history']} replies: the "
+              f"thoughts of the summary their ratings taught pass {100 * m['check_pass_rate']['semantic_soft']:.1f} % of "
+              f"checks, their liked replies shown as examples in the prompt {100 * m['check_pass_rate']['episodic_text']:.1f} % "
+              f"({_pm(100 * d['check_pass_rate'], 100 * d['check_pass_rate_se'], 1, '+')} points, paired, n={m['n_checks']})."]
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:
@@ -317,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     res = collect(args)
     (HERE / "RESULTS.md").write_text(render(res))
     plot(res, HERE / "results.png")
+    onboarding_eval.plot(res["onboarding"], HERE / "onboarding_eval.png")
     print((HERE / "RESULTS.md").read_text())
 
 
