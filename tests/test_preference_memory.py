@@ -76,6 +76,10 @@ def test_information_gain_is_zero_once_the_answer_is_known(bank):
     assert post.information_gain(q) == pytest.approx(0, abs=1e-9)
 
 
-def test_the_summary_says_each_preference_in_the_trained_words(bank):
+def test_the_summary_says_each_preference_with_its_parameter(bank):
+    names = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
+    for a in bank.atoms:
+        shown = [names.get(v, str(v)) for k, v in a.kwargs.items() if k not in ("relation", "section_spliter")]
+        assert a.phrase and all(x in a.phrase for x in shown), a
     atoms = [bank.atoms[bank.atom_index[i]] for i in ("language:fr", "short:40")]
-    assert summary_of(atoms) == "Please always answer me in French. Keep your answers under 40 words, please."
+    assert summary_of(atoms) == f"{atoms[0].phrase} {atoms[1].phrase}"

@@ -5,7 +5,11 @@ or a response language) minimally edited towards one to three preferences, the w
 checkers then label every reply with every preference it passes, intended or not, and a reply is kept only if it
 passes the ones it was edited towards.
 
-    python -m train_aux.onboarding_bank [--questions 400 --seed 0 --out softthought/data/onboarding_questions.json]
+Each preference is then phrased, for the summaries onboarding writes, in the words the auxiliary checkpoint follows
+best: among its kind's training phrasings (held-out ones excluded), the one whose soft thoughts pass its check most
+often on training prompts (about 5 min on 2 cores).
+
+    python -m train_aux.onboarding_bank [--questions 400 --seed 0 --aux DIR --out softthought/data/onboarding_questions.json]
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
 
+from softthought.aux_model import SoftThoughtAux
+from softthought.backbone import Backbone, load_backbone
+from softthought.generation import Engine, SamplingParams
 from softthought.ifeval import check
+from softthought.pipeline import default_aux_dir
 from softthought.preference_memory import DEFAULT_BANK, Atom, Bank, Option, Question
+from softthought.splice import build_chat_prompt
 
 from .checks import is_loop
 from .data import edit_answer, read_jsonl
@@ -40,13 +51,39 @@ CATALOG: list[tuple[str, dict]] = [
 ]
 
 
+#: The training phrasings a preference may be said with: a person's own voice, in English.
+PHRASE_STYLES = (("first", 4), ("polite", 2), ("terse", 2))
+
+
+def _said(kind: str, kwargs: dict, template: str) -> str:
+    return template.format(**{k: str(v) for k, v in KINDS[kind].fill(kwargs, "en").items()})
+
+
 def atom(kind: str, kwargs: dict) -> Atom:
     """The atom of a catalogue entry, phrased by its kind's first first-person training phrasing."""
     spec = KINDS[kind]
     shown = [v for k, v in kwargs.items() if k not in ("relation", "section_spliter")]
     name = kind + "".join(f":{v}" for v in shown)
-    phrase = phrasings(kind)["first"][0].format(**{k: str(v) for k, v in spec.fill(kwargs, "en").items()})
-    return Atom(name, kind, spec.instruction_id, kwargs, phrase)
+    return Atom(name, kind, spec.instruction_id, kwargs, _said(kind, kwargs, phrasings(kind)["first"][0]))
+
+
+def phrase_for(catalogue: list[Atom], backbone: Backbone, aux: SoftThoughtAux, prompts: list[str],
+               max_new_tokens: int = 96) -> list[Atom]:
+    """Each atom phrased as the checkpoint's thoughts follow it best on `prompts` (ties: the earlier phrasing)."""
+    candidates = {a.id: list(dict.fromkeys(_said(a.kind, a.kwargs, t) for style, n in PHRASE_STYLES
+                                           for t in (phrasings(a.kind).get(style) or [])[:-1][:n])) for a in catalogue}
+    jobs = [(a, text, p) for a in catalogue for text in candidates[a.id] for p in prompts]
+    with torch.no_grad():
+        thoughts = {text: aux.encode([text])[0] for texts in candidates.values() for text in texts}
+    tok = backbone.tokenizer
+    built = [build_chat_prompt(tok, [{"role": "user", "content": p}], thoughts[text], placement=aux.placement)
+             for _, text, p in jobs]
+    print(f"phrasing {len(catalogue)} preferences: {len(jobs)} replies", flush=True)
+    replies = Engine(backbone).generate(built, SamplingParams(max_tokens=max_new_tokens, temperature=0))
+    passed: dict[tuple[str, str], int] = {}
+    for (a, text, _), r in zip(jobs, replies):
+        passed[a.id, text] = passed.get((a.id, text), 0) + check(r.text, a.instruction_id, a.kwargs)
+    return [replace(a, phrase=max(candidates[a.id], key=lambda t, a=a: passed[a.id, t])) for a in catalogue]
 
 
 def atoms() -> list[Atom]:
@@ -57,9 +94,9 @@ def features(text: str, catalogue: list[Atom]) -> frozenset[str]:
     return frozenset(a.id for a in catalogue if check(text, a.instruction_id, a.kwargs))
 
 
-def build(n_questions: int, seed: int, data_dir: Path) -> Bank:
+def build(n_questions: int, seed: int, data_dir: Path, catalogue: list[Atom] | None = None) -> Bank:
     rng = random.Random(seed)
-    catalogue = atoms()
+    catalogue = catalogue or atoms()
     bank = Bank(catalogue, [frozenset(c) for c in CONFLICTS], {})
     written = yaml.safe_load(ANSWERS.read_text())
     backbone = [a for a in read_jsonl(data_dir / "answers.jsonl") if not is_loop(a["answer"])]
@@ -97,9 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=str(REPO_ROOT / "train_aux" / "data-broad"))
     ap.add_argument("--out", default=str(DEFAULT_BANK))
+    ap.add_argument("--aux", help="the checkpoint whose thoughts the summaries' phrasings are chosen for (default: the "
+                                  "shipped one)")
+    ap.add_argument("--phrase-prompts", type=int, default=6, help="training prompts each phrasing is tried on")
     args = ap.parse_args(argv)
-    bank = build(args.questions, args.seed, Path(args.data_dir))
-    Path(args.out).write_text(json.dumps(bank.to_json(), ensure_ascii=False, indent=1) + "\n")
+    data = Path(args.data_dir)
+    prompts = [r["prompt"] for r in read_jsonl(data / "train_prompts.jsonl")][: args.phrase_prompts]
+    backbone = load_backbone(None, dtype="bfloat16")
+    aux = SoftThoughtAux.from_pretrained(args.aux or default_aux_dir(), backbone=backbone).eval()
+    bank = build(args.questions, args.seed, data, phrase_for(atoms(), backbone, aux, prompts))
+    Path(args.out).write_text(json.dumps({**bank.to_json(), "phrased_for": aux.version}, ensure_ascii=False, indent=1) + "\n")
     print(f"{len(bank.questions)} questions, {len(bank.atoms)} preferences, {len(bank.hypotheses)} hypotheses -> {args.out}")
 
 

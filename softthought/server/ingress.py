@@ -451,23 +451,22 @@ class Ingress:
             raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
         return pref.to_dict()
 
-    @app.delete("/v1/users/{user}/preferences")
-    async def delete_preferences(self, user: str, request: Request) -> dict:
+    async def _delete(self, request: Request, user: str, remove, nothing: str) -> dict:
         tenant = self._authorize(request)
         oai.check_user_id(user)
-        if not await asyncio.to_thread(self.store.delete, tenant, user):
-            raise oai.APIError(404, f"No preferences are stored for user '{user}'.", param="user", code="user_not_found")
+        if not await asyncio.to_thread(remove, tenant, user):
+            raise oai.APIError(404, f"{nothing} for user '{user}'.", param="user", code="user_not_found")
         return {"user": user, "deleted": True}
+
+    @app.delete("/v1/users/{user}/preferences")
+    async def delete_preferences(self, user: str, request: Request) -> dict:
+        return await self._delete(request, user, self.store.delete, "No preferences are stored")
 
     @app.delete("/v1/users/{user}")
     async def forget_user(self, user: str, request: Request) -> dict:
         """Everything stored for the user (a right to be forgotten): the summary, onboarding sessions, the answers and
         ratings it was learned from, and the completions kept for rating."""
-        tenant = self._authorize(request)
-        oai.check_user_id(user)
-        if not await asyncio.to_thread(self.store.forget, tenant, user):
-            raise oai.APIError(404, f"Nothing is stored for user '{user}'.", param="user", code="user_not_found")
-        return {"user": user, "deleted": True}
+        return await self._delete(request, user, self.store.forget, "Nothing is stored")
 
     @app.post("/v1/users/{user}/onboarding")
     async def start_onboarding(self, user: str, request: Request) -> dict:
@@ -482,14 +481,21 @@ class Ingress:
         tenant = self._authorize(request)
         oai.check_user_id(user)
         body = await _parse(request, oai.OnboardingAnswer, self.config.max_body_bytes)
-        return await asyncio.to_thread(self.memory.answer, tenant, user, session, body.question, body.choice)
+        out = await asyncio.to_thread(self.memory.answer, tenant, user, session, body.question, body.choice)
+        if out["done"]:
+            metrics.SUMMARIES_LEARNED.labels("onboarding").inc()
+        return out
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> dict:
         """A rating of a stored completion: evidence for the user's preferences, which may revise a learned summary."""
         tenant = self._authorize(request)
         body = await _parse(request, oai.FeedbackBody, self.config.max_body_bytes)
-        return await asyncio.to_thread(self.memory.rate, tenant, body.user, body.id, body.rating, body.choice)
+        out = await asyncio.to_thread(self.memory.rate, tenant, body.user, body.id, body.rating, body.choice)
+        metrics.RATINGS.labels("up" if body.rating > 0 else "down").inc()
+        if out["summary_revised"]:
+            metrics.SUMMARIES_LEARNED.labels("feedback").inc()
+        return out
 
     @app.get("/admin/aux")
     async def aux_info(self, request: Request) -> dict:

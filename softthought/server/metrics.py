@@ -24,3 +24,6 @@ CACHE_HITS = Counter("softthought_thought_cache_hits_total", "Soft-thought cache
 CACHE_MISSES = Counter("softthought_thought_cache_misses_total", "Soft-thought cache misses (an encoder pass)")
 BATCH_SIZE = Histogram("softthought_batch_size", "Sequences in the backbone batch at each step of a request",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+SUMMARIES_LEARNED = Counter("softthought_summaries_learned_total", "Summaries the preference memory stored, by where they "
+                            "came from (onboarding, feedback)", ["source"])
+RATINGS = Counter("softthought_feedback_ratings_total", "Ratings of stored completions (up, down)", ["rating"])

@@ -10,6 +10,11 @@ from .conftest import OTHER_TENANT_KEY
 HIDDEN = ("lowercase", "short:40")
 
 
+def _metric(http, name: str) -> float:
+    line = next(x for x in http.get("/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def _answer_as(atoms, question) -> str:
     """A user who prefers `atoms` and reads the options: the one passing most of them, else "neither"."""
     passed = [sum(check(o["text"], a.instruction_id, a.kwargs) for a in atoms) for o in question["options"]]
@@ -33,6 +38,12 @@ def test_a_user_with_two_hidden_preferences_is_learned_within_ten_questions(http
     stored = http.get("/v1/users/onboarding-alice/preferences").json()
     assert stored["summary"] == step["summary"] and stored["summary_source"] == "onboarding"
     assert stored["version"] == step["preference_version"] and stored["profile"] == step["profile"]
+    assert _metric(http, 'softthought_summaries_learned_total{source="onboarding"}') >= 1
+
+
+def test_the_openai_client_starts_a_session_as_the_readme_shows(client):
+    started = client.post("/users/openai-carol/onboarding", cast_to=object)
+    assert started["session"].startswith("onb-") and len(started["question"]["options"]) == 3
 
 
 def test_onboarding_errors_are_openai_shaped_4xx(http, server):
@@ -67,6 +78,7 @@ def test_a_stored_completion_can_be_rated_by_its_user_only(client, http, server)
     for completion in (kept.id, streamed_id):
         resp = http.post("/v1/feedback", json={"id": completion, "user": "rater", "rating": 1})
         assert resp.status_code == 200 and resp.json()["recorded"] is True, resp.text
+    assert _metric(http, 'softthought_feedback_ratings_total{rating="up"}') >= 2
     cases = [({"id": unkept.id, "user": "rater", "rating": 1}, 404),  # not stored
              ({"id": kept.id, "user": "someone-else", "rating": 1}, 404),
              ({"id": kept.id, "user": "rater", "rating": 5}, 400),

@@ -36,6 +36,20 @@ def test_the_catalogue_phrases_each_preference_as_training_did_and_covers_five_l
     assert catalogue["no_comma"].phrase == "Please don't use any commas in your replies."
 
 
+def test_each_preference_is_phrased_as_the_checkpoints_thoughts_follow_it_best(tiny):
+    from train_aux.onboarding_bank import PHRASE_STYLES, phrase_for
+    from train_aux.users import phrasings
+
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2).eval()
+    catalogue = [a for a in atoms() if a.id in ("no_comma", "json")]
+    phrased = phrase_for(catalogue, tiny, aux, ["Name a fruit."], max_new_tokens=4)
+    assert [a.id for a in phrased] == ["no_comma", "json"]
+    for a in phrased:  # one of its kind's training phrasings, never a held-out one
+        allowed = [t for style, n in PHRASE_STYLES for t in (phrasings(a.kind).get(style) or [])[:-1][:n]]
+        assert a.phrase in allowed
+
+
 def test_recovery_reports_adaptive_and_random_curves_without_and_with_noise(bank):
     report = onboarding_eval.recovery(bank, n_users=12, questions=8, seed=0)
     curves = report["curves"]
