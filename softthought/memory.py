@@ -94,19 +94,22 @@ class PreferenceMemory:
         self.store.keep_completion(completion, tenant, user, texts, self.settings.completion_retention_s,
                                    self.settings.max_stored_completions)
 
-    def rate(self, tenant: str, user: str, completion: str, rating: int, choice: int = 0) -> dict:
-        texts = self.store.completion(completion, tenant, user)
-        if texts is None:
-            raise APIError(404, f"No stored completion '{completion}' for user '{user}': only completions requested "
-                                "with store: true and this user, within their retention, can be rated.", param="id",
+    def rate(self, tenant: str, user: str | None, completion: str, rating: int, choice: int = 0) -> dict:
+        """A rating of a kept completion by its own user (`user`, if given, must be that user)."""
+        found = self.store.completion(completion, tenant, user)
+        if found is None:
+            whose = f" for user '{user}'" if user else ""
+            raise APIError(404, f"No stored completion '{completion}'{whose}: only completions requested with store: "
+                                "true and a user, within their retention, can be rated, by that user.", param="id",
                            code="completion_not_found")
+        user, texts = found
         if choice >= len(texts):
             raise APIError(400, f"The completion has {len(texts)} choice(s); choice {choice} does not exist.",
                            param="choice", code="invalid_value")
         features = sorted(a.id for a in self.bank.atoms if check(texts[choice], a.instruction_id, a.kwargs))
         evidence = [*self.store.evidence(tenant, user), {"features": features, "rating": rating}][-MAX_EVIDENCE:]
         self.store.set_evidence(tenant, user, evidence)
-        out = {"id": completion, "rating": rating, "recorded": True, "summary_revised": False}
+        out = {"id": completion, "user": user, "rating": rating, "recorded": True, "summary_revised": False}
         current = self.store.get(tenant, user)
         if current is not None and current.summary_source == "put":
             return out

@@ -210,7 +210,7 @@ class OnboardingAnswer(_Strict):
 
 class FeedbackBody(_Strict):
     id: str = Field(min_length=1, max_length=128, description="the rated completion's id, from this server")
-    user: UserId = Field(min_length=1)
+    user: UserId | None = Field(None, min_length=1, description="the completion's user; refused if it is not")
     rating: StrictInt = Field(description="1 (liked) or -1 (disliked)")
     choice: StrictInt = Field(default=0, ge=0, description="which of the completion's choices is rated")
 

@@ -95,6 +95,11 @@ def test_ratings_learn_a_summary_and_leave_one_the_client_wrote(store_url, bank)
     with pytest.raises(APIError) as err:
         memory.rate("t2", "u", "c0", 1)
     assert err.value.status == 404
+    with pytest.raises(APIError) as err:  # named by its id alone, still only within its tenant
+        memory.rate("t2", None, "c0", 1)
+    assert err.value.status == 404
+    assert memory.rate("t", None, "c1", -1)["user"] == "u"  # the completion's own user
+    assert len(memory.store.evidence("t", "u")) == 13
     with pytest.raises(APIError) as err:
         memory.rate("t", "u", "c0", 1, choice=1)
     assert err.value.status == 400

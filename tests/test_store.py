@@ -137,8 +137,11 @@ def test_sessions_evidence_and_kept_completions_belong_to_one_tenants_user_and_a
     assert store.evidence("t", "u") == [{"question": "q1", "answer": "o2"}] and store.evidence("t2", "u") == []
     for i in range(5):
         store.keep_completion(f"c{i}", "t", "u", [f"reply {i}"], keep_s=60, most=3)
-    assert [store.completion(f"c{i}", "t", "u") for i in range(5)] == [None, None, ["reply 2"], ["reply 3"], ["reply 4"]]
-    assert store.completion("c4", "t2", "u") is None and store.completion("c4", "t", "v") is None
+    kept = [store.completion(f"c{i}", "t", "u") for i in range(5)]
+    assert kept == [None, None, ("u", ["reply 2"]), ("u", ["reply 3"]), ("u", ["reply 4"])]
+    assert store.completion("c4", "t") == ("u", ["reply 4"])  # by id alone, within the tenant
+    assert store.completion("c4", "t2", "u") is None and store.completion("c4", "t2") is None
+    assert store.completion("c4", "t", "v") is None
     store.keep_completion("old", "t", "u", ["x"], keep_s=-1, most=3)
     assert store.completion("old", "t", "u") is None  # expired
     store.end_session("s1")

@@ -222,9 +222,11 @@ class PreferenceStore(ABC):
                 "stored_completions WHERE tenant = ? AND user_id = ? ORDER BY created_at DESC, id DESC LIMIT ?)",
                 (tenant, user, tenant, user, most))
 
-    def completion(self, completion: str, tenant: str, user: str) -> list[str] | None:
-        """A kept completion's texts, if it is this tenant's user's and has not expired."""
+    def completion(self, completion: str, tenant: str, user: str | None = None) -> tuple[str, list[str]] | None:
+        """A kept completion's user and texts, if it is this tenant's (and `user`'s, if given) and has not expired."""
         with self._transaction(write=False) as run:
-            rows = run("SELECT texts FROM stored_completions WHERE id = ? AND tenant = ? AND user_id = ? AND expires_at >= ?",
-                       (completion, tenant, user, time.time()))
-        return json.loads(rows[0][0]) if rows else None
+            rows = run("SELECT user_id, texts FROM stored_completions WHERE id = ? AND tenant = ? AND expires_at >= ?",
+                       (completion, tenant, time.time()))
+        if not rows or user not in (None, rows[0][0]):
+            return None
+        return rows[0][0], json.loads(rows[0][1])
