@@ -77,7 +77,7 @@ class PreferenceMemory:
         answers = [*state["answers"], {"question": question_id, "answer": choice}]
         post = self.posterior(answers)
         atoms, probability = post.most_probable()
-        if probability < self.settings.confidence and len(answers) < self.settings.max_questions:
+        if probability < self.settings.confidence and len(answers) < min(self.settings.max_questions, len(self.bank.questions)):
             nxt = post.best_question(a["question"] for a in answers)
             self.store.save_session(session, tenant, user, {"answers": answers, "current": nxt.id}, expires_at)
             return {"session": session, "done": False, "question_number": len(answers) + 1,

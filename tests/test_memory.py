@@ -109,3 +109,11 @@ def test_ratings_learn_a_summary_and_leave_one_the_client_wrote(store_url, bank)
         memory.keep(f"w{i}", "t", "w", [text])
         assert memory.rate("t", "w", f"w{i}", rating)["summary_revised"] is False
     assert memory.store.get("t", "w").summary == "I write my own summary."
+
+
+def test_a_session_ends_when_the_bank_has_no_question_left(store_url, bank):
+    from softthought.preference_memory import Bank
+
+    small = Bank(bank.atoms, bank.conflicts, dict(list(bank.questions.items())[:2]))
+    done = _onboard(_memory(store_url, small, max_questions=10), small, "u", {"lowercase", "title", "short:40"})
+    assert done["done"] is True and done["questions_asked"] == 2
