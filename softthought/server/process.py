@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,9 +14,18 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 between Ray's worker ports (10002-19999) and the kernel's ephemeral range (from 32768):
+    no process that asks the kernel or Ray for a port can take it in the seconds before the server binds it (a port the
+    kernel handed out here was once taken by one of Ray's own processes first, and the proxy failed to bind)."""
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32767")
 
 
 class ServerProcess:
