@@ -317,8 +317,13 @@ class SoftThoughtAux(nn.Module):
         # of that token
         return torch.cat(picks, dim=1), COPY_GATE_SCALE * self.copy_gate(pooled)
 
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
     def tokenize(self, summaries: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The encoder's tokens; with copy thoughts also `copy_ids` and `copy_align` (see `forward`)."""
+        """The encoder's tokens, on the model's device; with copy thoughts also `copy_ids` and `copy_align` (see
+        `forward`)."""
         batch = self.tokenizer(
             list(summaries),
             padding=True,
@@ -328,7 +333,7 @@ class SoftThoughtAux(nn.Module):
             return_offsets_mapping=bool(self.config.copy_thoughts),
         )
         if not self.config.copy_thoughts:
-            return batch
+            return batch.to(self.device)
         inner = batch.pop("offset_mapping")
         rows = self.copy_tokenizer(list(summaries), add_special_tokens=False, truncation=True,
                                    max_length=self.config.max_summary_tokens, return_offsets_mapping=True)
@@ -340,7 +345,7 @@ class SoftThoughtAux(nn.Module):
             if ids:  # padding rows stay empty: they match no encoder token, so they are never copied
                 batch["copy_ids"][i, : len(ids)] = torch.tensor(ids)
                 batch["copy_align"][i, : len(ids)] = token_overlap(torch.tensor(offsets), inner[i])
-        return batch
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     @property
     def placement(self) -> Placement:

@@ -177,10 +177,21 @@ def resolve_backbone_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def resolve_device(device: str) -> str:
+    """cpu, cuda, cuda:N as given; auto: the first GPU this process sees (Ray hands a worker its own through
+    CUDA_VISIBLE_DEVICES), else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no GPU is visible to this process")
+    return device
+
+
 def load_backbone(
     name_or_path: str | None = None, dtype: str | torch.dtype = "bfloat16", device: str = "cpu"
 ) -> Backbone:
-    """Load a causal LM from a directory or hub id (None = the embedded default), frozen and fingerprinted."""
+    """Load a causal LM from a directory or hub id (None = the embedded default), frozen and fingerprinted, on
+    `device` (`resolve_device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -189,7 +200,7 @@ def load_backbone(
         dtype = DTYPES[dtype]
     path = resolve_backbone_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(resolve_device(device))
     freeze(model)
     with torch.no_grad():
         embed_norm = model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()

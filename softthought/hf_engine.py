@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import load_backbone, longest_token_chars
+from .backbone import load_backbone, longest_token_chars, resolve_device
 from .engine import EngineSpec, ServingEngine
 from .generation import Engine, SamplingParams
 from .splice import Prompt
@@ -39,9 +39,7 @@ class HFEngine(ServingEngine):
     def __init__(self, spec: EngineSpec) -> None:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the engine should use the cores it was given.
         self._threads = spec.threads or os.cpu_count() or 1
-        device = spec.device
-        if device == "auto":  # a replica placed with num_gpus sees its GPU through CUDA_VISIBLE_DEVICES
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(spec.device)  # a replica placed with num_gpus sees its GPU through CUDA_VISIBLE_DEVICES
         self._subscribers: dict[str, _Subscriber] = {}
         self._wake = threading.Event()
         self._stopped = False

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from softthought.backbone import files_fingerprint, load_backbone, weights_fingerprint
+from softthought.backbone import files_fingerprint, load_backbone, resolve_device, weights_fingerprint
 
 
 def test_loaded_frozen(smollm, tiny):
@@ -63,3 +63,11 @@ def test_two_processes_convert_embedded_model_at_once(tmp_path, smollm):
     assert outs == [smollm.fingerprint, smollm.fingerprint]
     entries = sorted(p.name for p in (tmp_path / "backbones").iterdir())
     assert entries == [".convert.lock", "SmolLM2-135M-Instruct-fp32"]  # no temp dirs left behind
+
+
+def test_resolve_device_takes_a_gpu_only_where_one_is_visible():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU is visible"):
+            resolve_device("cuda:1")

@@ -149,8 +149,9 @@ def _replace_words(text: str, words: list[str]) -> str:
 
 
 def _shout(text: str, n: int) -> str:
-    """The `n` longest words (at least four letters) of `text` written in capitals."""
-    words = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", text)}, key=len, reverse=True)[:n]
+    """The `n` longest words (at least four letters) of `text` written in capitals (of equal lengths, the first in
+    alphabetical order: a set's order changes with every process's string hashing)."""
+    words = sorted(set(re.findall(r"\b[a-z]{4,}\b", text)), key=lambda w: (-len(w), w))[:n]
     for w in words:
         text = re.sub(rf"\b{w}\b", w.upper(), text, count=1)
     return text

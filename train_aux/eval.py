@@ -41,6 +41,7 @@ from softthought.splice import (
 
 from .checks import is_loop
 from .data import read_jsonl, summary_before
+from .eval_workers import InProcess, RayWorkers
 from .ifeval_phrasings import split_of
 from .paths import shared_data
 from .users import compatible, kind_of
@@ -63,13 +64,21 @@ def users_thoughts(aux: SoftThoughtAux, users: list[dict]) -> list[torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ personalization
+def generate_replies(backbone: Backbone, prompts: list[Prompt], params: SamplingParams, batch: int) -> list:
+    """The replies to built prompts, the engine keeping `batch` sequences running and refilling slots as replies end."""
+    return Engine(backbone, max_batch_size=batch).generate(prompts, params)
+
+
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
-                    pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16) -> dict:
+                    pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
+                    run: InProcess | RayWorkers | None = None) -> dict:
+    """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
+    replies are generated (`eval_workers`; here by default)."""
+    run = run or InProcess(backbone)
     rng = random.Random(seed)
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
     thoughts = dict(zip((u["user"] for u in users), users_thoughts(aux, users))) if "soft" in conditions else {}
     tok = backbone.tokenizer
-    engine = Engine(backbone, max_batch_size=batch)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
                     "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed,
@@ -85,9 +94,8 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
                 built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement))
-        # all at once: the engine keeps `batch` sequences running and refills slots as replies finish
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
-        results = engine.generate(built, params)
+        results = run.map(generate_replies, built, params, batch)
         outcomes, per_id = [], defaultdict(list)
         for (u, p), r in zip(pairs, results):
             outcome = check_all(r.text, u["checks"])
@@ -255,7 +263,7 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
                                 position_ids=positions).logits
         for row, (i, cont) in enumerate(zip(idx, conts)):
             pred = logits[row, length - len(cont) - 1 : length - 1].float().log_softmax(-1)
-            out[i] = pred.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            out[i] = pred.gather(-1, torch.tensor(cont, device=pred.device)[:, None]).sum().item()
     return out
 
 
@@ -266,7 +274,7 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
     with the context read once: one row holds the context with its thoughts placed, then every continuation, each
     continuation attending to that prefix and to itself only and numbered as if it alone followed it. An item's
     choices share their context, so this reads 2-3x fewer tokens. `placement`: as in `loglikelihoods`."""
-    table, dtype = backbone.model.get_input_embeddings(), backbone.dtype
+    table, dtype, dev = backbone.model.get_input_embeddings(), backbone.dtype, backbone.device
     decoder, head = backbone.model.get_decoder(), backbone.model.get_output_embeddings()
     window = getattr(backbone.model.config, "sliding_window", None)
     order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]) - sum(map(len, groups[i][1])))
@@ -289,25 +297,25 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
                 reads.append((i, [(r, q, t) for q, t in zip([prefix - 1, *range(at, at + len(cont) - 1)], cont)]))
                 at += len(cont)
             rows.append(emb)
-            segments.append(torch.tensor(seg))
-            positions.append(torch.tensor(pos))
+            segments.append(torch.tensor(seg, device=dev))
+            positions.append(torch.tensor(pos, device=dev))
         length = max(e.shape[0] for e in rows)
         if window and length > window:  # a custom mask replaces the model's own, window included
             raise ValueError(f"shared-context scoring cannot keep this backbone's {window}-position sliding window "
                              f"over rows of {length}: score each choice on its own")
         embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
-        seg = torch.full((len(rows), length), -1)  # -1: padding, which attends only to padding (never NaN)
-        pos = torch.zeros((len(rows), length), dtype=torch.long)
+        seg = torch.full((len(rows), length), -1, device=dev)  # -1: padding, which attends only to padding (never NaN)
+        pos = torch.zeros((len(rows), length), dtype=torch.long, device=dev)
         for r, (e, s, p) in enumerate(zip(rows, segments, positions)):
             embeds[r, : e.shape[0]], seg[r, : e.shape[0]], pos[r, : e.shape[0]] = e, s, p
         q, k = seg[:, :, None], seg[:, None, :]
-        allowed = torch.ones(length, length, dtype=torch.bool).tril() & ((k == q) | ((k == 0) & (q >= 0)))
+        allowed = torch.ones(length, length, dtype=torch.bool, device=dev).tril() & ((k == q) | ((k == 0) & (q >= 0)))
         hide(allowed, hidden_spans)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
         flat = [x for _, tokens in reads for x in tokens]
         logp = head(hidden[[x[0] for x in flat], [x[1] for x in flat]]).float().log_softmax(-1)
-        picked = logp[torch.arange(len(flat)), [x[2] for x in flat]].tolist()
+        picked = logp[torch.arange(len(flat), device=dev), [x[2] for x in flat]].tolist()
         at = 0
         for i, tokens in reads:
             out[i].append(sum(picked[at : at + len(tokens)]))
@@ -317,6 +325,12 @@ def shared_context_loglikelihoods(backbone: Backbone, groups: list[tuple[list[in
 
 def scoring_name(shared_context: bool) -> str:
     return SHARED_CONTEXT if shared_context else PER_CHOICE
+
+
+def score_items(backbone: Backbone, pairs: list[tuple[dict, object]], desc: str, shared_context: bool = False,
+                placement: Placement = OPENING) -> list[list[float]]:
+    """`score_task` on (item, prefix) pairs: what `general` hands its runner."""
+    return score_task(backbone, [item for item, _ in pairs], [prefix for _, prefix in pairs], desc, shared_context, placement)
 
 
 def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False,
@@ -407,14 +421,16 @@ def paired_backbones(reference: dict, other: dict, tasks: list[str], n: int, see
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0,
-            shared_context: bool = False) -> dict:
+            shared_context: bool = False, run: InProcess | RayWorkers | None = None) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items, with the gold-margin shift
     of each condition against plain (`gold_margin_shift`). Item i is scored with users i, i+1, ...
     i+users_per_item-1 (mod len(users)) and its correctness averaged over them, so no one user's thoughts decide an
     item (users_per_item=len(users) is the exact average over users). `plain_loglik` ({task: per-choice scores}
     from an earlier report of the same backbone, items and scoring) spares scoring the plain backbone again: it
-    does not depend on the aux. `shared_context`: see `score_task`; recorded as `scoring`."""
+    does not depend on the aux. `shared_context`: see `score_task`; recorded as `scoring`. `run`: where the items are
+    scored (`eval_workers`; here by default)."""
+    run = run or InProcess(backbone)
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     conditions = {}  # name -> each user's prefix
@@ -430,13 +446,12 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
         items = load_task(task, n, seed, skip)
         cached = (plain_loglik or {}).get(task)
         plain_ll = cached if cached and len(cached) == len(items) else \
-            score_task(backbone, items, [None] * len(items), f"{task}/plain", shared_context)
+            run.map(score_items, [(item, None) for item in items], f"{task}/plain", shared_context)
         entry = {"n": len(items), "plain": _accs(correctness(items, plain_ll)), "plain_loglik": plain_ll}
         for name, per_user in conditions.items():
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
-            flat = score_task(backbone, [item for _ in rounds for item in items],
-                              [per_user[(i + r) % len(users)] for r in rounds for i in range(len(items))], f"{task}/{name}",
-                              shared_context, aux.placement if name == "soft" else OPENING)
+            flat = run.map(score_items, [(item, per_user[(i + r) % len(users)]) for r in rounds for i, item in enumerate(items)],
+                           f"{task}/{name}", shared_context, aux.placement if name == "soft" else OPENING)
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
@@ -515,7 +530,16 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--pairs-per-user", type=int, default=2)
     o.add_argument("--max-new-tokens", type=int, default=96)
     o.add_argument("--plot", help="PNG of the recovery curves")
+    for s in (p, g):
+        s.add_argument("--workers", type=int, help="shard the items over this many Ray workers, each with its own "
+                                                   "backbone replica (train_aux.eval_workers); the figures do not "
+                                                   "depend on how many")
+        s.add_argument("--gpus-per-worker", type=float, default=0.0)
+        s.add_argument("--cpus-per-worker", type=float, default=1.0)
+        s.add_argument("--shard-size", type=int, default=32, help="with --workers: items per chunk handed to a worker")
     for s in (p, g, f, b, o):
+        s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU if one is visible); with "
+                                                       "--workers, where each worker runs (auto: its own GPU)")
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
         s.add_argument("--no-aux", action="store_true", help="evaluate without soft thoughts")
         s.add_argument("--backbone")
@@ -524,7 +548,13 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--json", required=True)
     o.add_argument("--users", help=argparse.SUPPRESS)  # the simulated users are drawn from the question bank
     args = ap.parse_args(argv)
-    backbone = load_backbone(args.backbone, dtype=args.dtype)
+    workers = getattr(args, "workers", None)
+    if workers is not None and (workers < 1 or args.shard_size < 1):
+        ap.error("--workers and --shard-size must be at least 1")
+    # with workers, this process only builds the prompts and the thoughts: the backbone's replicas are theirs
+    backbone = load_backbone(args.backbone, dtype=args.dtype, device="cpu" if workers else args.device)
+    run = (RayWorkers(args.backbone, args.dtype, backbone.fingerprint, workers, args.shard_size, args.gpus_per_worker,
+                      args.cpus_per_worker, args.device) if workers else InProcess(backbone))
     aux = None
     if not args.no_aux:
         from softthought.pipeline import default_aux_dir
@@ -532,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.aux or default_aux_dir()
         if path is None:
             ap.error("no auxiliary checkpoint: pass --aux DIR or --no-aux")
-        aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).eval()
+        aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).to(backbone.device).eval()
     users = read_jsonl(args.users) if args.users else []
     if args.command == "onboarding":
         from . import onboarding_eval
@@ -554,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
         prompts = [r["prompt"] for r in read_jsonl(args.prompts)]
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
-                                 conditions)
+                                 conditions, run=run)
     else:
         tasks = args.tasks.split(",")
         reference = json.loads(Path(args.paired_with).read_text()) if args.paired_with else None
@@ -567,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--paired-with {args.paired_with}: scored {reference.get('scoring', PER_CHOICE)}, not "
                      f"{scoring_name(args.shared_context)} (add or drop --shared-context)")
         report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
-                         users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context)
+                         users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context, run=run)
         if reference:
             for t, compared in paired_backbones(reference, report, tasks, args.n, args.seed, args.skip).items():
                 report[t]["plain_vs_paired_with"] = compared

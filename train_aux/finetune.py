@@ -47,11 +47,11 @@ def recipe(cfg: FinetuneConfig, data_dir: Path) -> dict:
 
 
 def finetune(cfg: FinetuneConfig, out: Path, data_dir: Path, backbone_name: str | None = None,
-             user: dict | None = None) -> Path:
+             user: dict | None = None, device: str = "cpu") -> Path:
     """Train and save a fine-tuned copy. With `user`, the copy learns that one user's examples alone, with no summary
     in the prompt: the per-user fine-tune that soft thoughts replace (its finetune.json names the user)."""
     torch.manual_seed(cfg.seed)
-    base = load_backbone(backbone_name, dtype=cfg.dtype)
+    base = load_backbone(backbone_name, dtype=cfg.dtype, device=device)
     model, tok = base.model, base.tokenizer
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-target-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU if one is visible)")
     ap.add_argument("--user", help="fine-tune on this one user's examples only, with no summary in the prompt")
     ap.add_argument("--users", help="where --user is found (default: DATA_DIR/eval_users.jsonl)")
     a = ap.parse_args(argv)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--user {a.user}: no such user in {users_file}")
     cfg = FinetuneConfig(a.mode, a.steps or DEFAULT_STEPS[a.mode], a.lr or DEFAULT_LR[a.mode], a.batch_size, a.seed, a.dtype,
                          a.max_target_tokens)
-    print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone, user))
+    print(finetune(cfg, Path(a.out), Path(a.data_dir), a.backbone, user, a.device))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import random
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -123,6 +126,48 @@ def data_hash(data: Path) -> str:
 
 
 @dataclass
+class Term:
+    """One term of the loss: this worker's sum, and what the sum over all workers is divided by (each worker's `count`
+    added up). Kept apart until the counts are known, so that any split of a global batch over workers and
+    micro-batches gives the loss of the whole batch on one worker."""
+    total: torch.Tensor
+    count: float
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which examples of every global batch this worker computes (rank, rank + size, ...; all of them alone), and how
+    the workers' sums are added: torch.distributed's process group, which Ray Train's TorchTrainer sets up."""
+    rank: int = 0
+    size: int = 1
+
+    def mine(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.size))
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def wait(self) -> None:
+        """Until every worker gets here: what the slowest keeps the others waiting, timed apart from the sums."""
+        if self.size > 1:
+            torch.distributed.barrier()
+
+    def all_gather(self, obj) -> list:
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values everywhere: every worker starts from the same weights."""
+        for t in tensors if self.size > 1 else ():
+            torch.distributed.broadcast(t.data, 0)
+
+
+@dataclass
 class Example:
     summary: str
     prompt: str
@@ -183,17 +228,19 @@ def copy_targets(summary: str, strings: list[str], offsets: list[tuple[int, int]
     return list(dict.fromkeys(positions))[:limit]
 
 
-def copy_loss(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
-    """Copy thought i of summary b should take token targets[b][i] (negative log of its attention there), and its
-    gate be open exactly when it has a target (binary cross-entropy)."""
+def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[list[int]]) -> dict[str, Term]:
+    """Copy thought i of summary b should take token targets[b][i] (the pointer: negative log of its attention
+    there, over the targets), and its gate be open exactly when it has a target (binary cross-entropy, over the
+    gates)."""
     gates = torch.zeros_like(gate_logits)
     nll = []
     for b, positions in enumerate(targets):
         for i, pos in enumerate(positions):
             nll.append(-(picks[b, i, pos] + 1e-6).log())
             gates[b, i] = 1.0
-    pointer = torch.stack(nll).mean() if nll else picks.sum() * 0.0
-    return pointer + F.binary_cross_entropy_with_logits(gate_logits, gates)
+    pointer = torch.stack(nll).sum() if nll else picks.sum() * 0.0
+    return {"copy_pointer": Term(pointer, len(nll)),
+            "copy_gates": Term(F.binary_cross_entropy_with_logits(gate_logits, gates, reduction="sum"), gates.numel())}
 
 
 def _language(user: dict) -> str | None:
@@ -213,7 +260,8 @@ def edited_chars(source: str, target: str) -> list[bool]:
 
 def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies: list[list[int]]) -> list[torch.Tensor]:
     """The log-probability of each reply's tokens read after its prompt (teacher forced), one [len] tensor each."""
-    sequences = [torch.cat([embed_prompt(table, p), table(torch.tensor(ids))]) for p, ids in zip(prompts, replies)]
+    dev = table.weight.device
+    sequences = [torch.cat([embed_prompt(table, p), table(torch.tensor(ids, device=dev))]) for p, ids in zip(prompts, replies)]
     embeds, mask, positions = left_pad(sequences)
     length = mask.shape[1]
     attention = hiding_mask(mask, [p.hidden_thoughts(length - len(s)) for p, s in zip(prompts, sequences)], embeds.dtype)
@@ -221,16 +269,25 @@ def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies
     out = []
     for i, ids in enumerate(replies):  # left padding: each reply ends its row, and position t predicts token t+1
         logp = F.log_softmax(logits[i, length - len(ids) - 1 : length - 1].float(), dim=-1)
-        out.append(logp.gather(1, torch.tensor(ids)[:, None])[:, 0])
+        out.append(logp.gather(1, torch.tensor(ids, device=dev)[:, None])[:, 0])
     return out
 
 
 def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
                 max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of each target reply (+ end of turn) after its prompt; returns (loss, target tokens).
+    """Cross-entropy of each target reply (+ end of turn) after its prompt, the weighted mean of `target_sums`;
+    returns (loss, target tokens)."""
+    total, weights, n_tokens = target_sums(model, table, tokenizer, prompts, targets, max_target, sources, edit_weight)
+    return total / weights, n_tokens
+
+
+def target_sums(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
+                max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0) -> tuple[torch.Tensor, float, int]:
+    """The weighted sum of the target tokens' negative log-likelihoods (each reply + end of turn, after its prompt),
+    the sum of the weights, and the number of target tokens.
 
     With `sources` (the unedited answers) and `edit_weight` > 1, the tokens the edit touched and the end of turn
-    (where the reply's length is decided) count `edit_weight` times in the weighted mean.
+    (where the reply's length is decided) count `edit_weight` times.
     """
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     target_ids, target_weights = [], []
@@ -245,8 +302,8 @@ def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
         target_ids.append(ids)
         target_weights.append(weights)
     nll = -torch.cat(reply_logprobs(model, table, prompts, target_ids))
-    w = torch.tensor([x for ws in target_weights for x in ws])
-    return (nll * w).sum() / w.sum(), sum(len(t) for t in target_ids)
+    w = torch.tensor([x for ws in target_weights for x in ws], device=nll.device)
+    return (nll * w).sum(), float(w.sum()), sum(len(t) for t in target_ids)
 
 
 def repeated_positions(ids: list[int], n: int = 4) -> list[int]:
@@ -260,21 +317,21 @@ def repeated_positions(ids: list[int], n: int = 4) -> list[int]:
     return out
 
 
-def unlikelihood_loss(backbone: Backbone, engine: Engine, prompts: list[Prompt], max_tokens: int) -> tuple[torch.Tensor, float]:
+def unlikelihood_loss(backbone: Backbone, engine: Engine, prompts: list[Prompt], max_tokens: int) -> tuple[torch.Tensor, int, int]:
     """Sequence-level unlikelihood (Welleck et al., 2020) on the student's own greedy replies to `prompts`: -log(1 - p)
-    of every token that completes a 4-gram its reply already wrote, summed over the rollouts' tokens and divided by
-    their number. Loops are what the edited targets can teach and teacher forcing never shows: they happen only in
-    the model's own replies. Returns (loss, the share of rollout tokens that repeat)."""
+    of every token that completes a 4-gram its reply already wrote, summed (the loss divides it by the rollouts'
+    tokens). Loops are what the edited targets can teach and teacher forcing never shows: they happen only in the
+    model's own replies. Returns (that sum, the rollouts' tokens, how many of them repeat)."""
     detached = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments], p.reply_only) for p in prompts]
     replies = [r.token_ids for r in engine.generate(detached, SamplingParams(max_tokens=max_tokens, temperature=0))]
-    total = max(1, sum(len(r) for r in replies))
+    tokens = sum(len(r) for r in replies)
     looping = [(p, r, pos) for p, r in zip(prompts, replies) if (pos := repeated_positions(r))]
     if not looping:
-        return torch.zeros(()), 0.0
+        return torch.zeros((), device=backbone.device), tokens, 0
     logps = reply_logprobs(backbone.model, backbone.model.get_input_embeddings(), [p for p, _, _ in looping],
                            [r for _, r, _ in looping])
     unlikely = torch.cat([-torch.log1p(-lp[pos].exp().clamp(max=1 - 1e-6)) for lp, (_, _, pos) in zip(logps, looping)])
-    return unlikely.sum() / total, sum(len(pos) for _, _, pos in looping) / total
+    return unlikely.sum(), tokens, sum(len(pos) for _, _, pos in looping)
 
 
 def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
@@ -291,7 +348,8 @@ def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple
 
 def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tuple[list[int], int]],
                       teacher_prefixes: list[list[int]] | None = None, placement: Placement = OPENING) -> torch.Tensor:
-    """Mean per-token KL(teacher || with thoughts) over token sequences of plain text, thoughts[i] placed in the ids of
+    """The sum over texts of the mean per-token KL(teacher || with thoughts) on token sequences of plain text (the loss
+    divides it by the number of texts), thoughts[i] placed in the ids of
     texts[i] = (ids, reply start): before them, or after the reply start (`placement.at_end`). The teacher is the plain
     backbone reading the ids alone, or with `teacher_prefixes[i]` (token ids) before them. When the text before its
     reply start does not see the thoughts (`placement.reply_only`, or at the end), the KL runs over the positions that
@@ -299,7 +357,8 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
     table = backbone.model.get_input_embeddings()
     with torch.no_grad():
         prefixes = teacher_prefixes or [[] for _ in texts]
-        embeds, mask, positions = left_pad([table(torch.tensor(pre + ids)) for pre, (ids, _) in zip(prefixes, texts)])
+        embeds, mask, positions = left_pad([table(torch.tensor(pre + ids, device=backbone.device))
+                                            for pre, (ids, _) in zip(prefixes, texts)])
         reference = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     prompts = [text_prompt(ids[: start + 1], th, placement) for th, (ids, start) in zip(thoughts, texts)]
     rows = [embed_prompt(table, Prompt([*p.segments, ids[start + 1 :]])) for p, (ids, start) in zip(prompts, texts)]
@@ -314,43 +373,119 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
         ref = F.log_softmax(reference[i, -read:].float(), dim=-1)
         out = F.log_softmax(student[i, -read:].float(), dim=-1)
         total = total + F.kl_div(out, ref, log_target=True, reduction="batchmean")
-    return total / len(texts)
+    return total
 
 
-def batch_loss(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig,
-               probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None,
-               texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[torch.Tensor, int, float | None]:
-    """The student's loss: the user's soft thoughts instead of the summary text (+ the probe's, the preservation term
-    on `texts`, and with an `engine` the unlikelihood of its own replies' repeats, if given); returns (loss, target
-    tokens, the share of rollout tokens that repeat or None)."""
-    tok = backbone.tokenizer
+#: The loss's terms, in the order their sums and counts travel between workers.
+TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "unlikelihood")
+
+
+def term_weights(cfg: TrainConfig) -> dict[str, float]:
+    return {"target": 1.0, "copy_pointer": cfg.copy_weight, "copy_gates": cfg.copy_weight, "probe": cfg.probe_weight,
+            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight}
+
+
+def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, Term]]:
+    """The thoughts of the whole global batch, and the copy thoughts' terms over examples `rows`. Every worker encodes
+    all of it (the encoder is small beside the backbone): the encoder's dropout then draws the same masks, from the
+    same seed, as one worker would, and any split of the batch sees the same thoughts."""
     summaries = [ex.summary for ex in batch]
-    copying = 0.0
-    if aux.config.copy_thoughts:
-        thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries)
-        targets = [copy_targets(ex.summary, ex.copy_strings, off, aux.config.copy_thoughts) for ex, off in zip(batch, offsets)]
-        copying = cfg.copy_weight * copy_loss(picks, gate_logits, targets)
-    else:
-        thoughts = aux.encode(summaries)
+    if not aux.config.copy_thoughts:
+        return aux.encode(summaries), {}
+    thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries)
+    targets = [copy_targets(batch[i].summary, batch[i].copy_strings, offsets[i], aux.config.copy_thoughts) for i in rows]
+    return thoughts, copy_terms(picks[rows], gate_logits[rows], targets)
+
+
+def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], rows: list[int], thoughts: torch.Tensor,
+                cfg: TrainConfig, probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None,
+                texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
+    """The student's loss terms over examples `rows` of the global `batch`, reading `thoughts` (`encode_batch`) instead
+    of the summary text: the edited targets' cross-entropy, the probe's, the preservation KL on texts[i] for the rows
+    i < len(texts), and with an `engine` the unlikelihood of its own replies' repeats for the rows i < rollout_batch.
+    Returns the terms and the counts the log reports (target tokens, rollout tokens and their repeats)."""
+    tok = backbone.tokenizer
     placement = aux.placement
-    prompts = [build_chat_prompt(tok, [{"role": "user", "content": ex.prompt}], th, placement=placement)
-               for ex, th in zip(batch, thoughts)]
-    loss, n_tokens = target_loss(backbone.model, backbone.model.get_input_embeddings(), tok, prompts,
-                                 [ex.target for ex in batch], cfg.max_target_tokens, [ex.answer for ex in batch],
-                                 cfg.edit_weight)
-    loss = loss + copying
+    prompts = {i: build_chat_prompt(tok, [{"role": "user", "content": batch[i].prompt}], thoughts[i], placement=placement)
+               for i in rows}
+    total, weights, n_tokens = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
+                                           [prompts[i] for i in rows], [batch[i].target for i in rows], cfg.max_target_tokens,
+                                           [batch[i].answer for i in rows], cfg.edit_weight)
+    terms = {"target": Term(total, weights)}
+    stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0}
     if probe is not None:
-        labels = torch.tensor([[float(c in ex.check_ids) for c in check_ids] for ex in batch])
-        loss = loss + cfg.probe_weight * F.binary_cross_entropy_with_logits(probe(thoughts.mean(1)), labels)
-    if texts:
-        prefixes = (tok([summary_before(ex.summary, "") for ex in batch[: len(texts)]], add_special_tokens=False)["input_ids"]
+        labels = torch.tensor([[float(c in batch[i].check_ids) for c in check_ids] for i in rows], device=thoughts.device)
+        bce = F.binary_cross_entropy_with_logits(probe(thoughts[rows].mean(1)), labels, reduction="sum")
+        terms["probe"] = Term(bce, labels.numel())
+    if preserved := [i for i in rows if texts and i < len(texts)]:
+        prefixes = (tok([summary_before(batch[i].summary, "") for i in preserved], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
-        loss = loss + cfg.preserve_weight * preservation_loss(backbone, thoughts[: len(texts)], texts, prefixes, placement)
-    repeats = None
-    if engine is not None:
-        unlikely, repeats = unlikelihood_loss(backbone, engine, prompts[: cfg.rollout_batch], cfg.rollout_tokens)
-        loss = loss + cfg.rollout_weight * unlikely
-    return loss, n_tokens, repeats
+        kl = preservation_loss(backbone, thoughts[preserved], [texts[i] for i in preserved], prefixes, placement)
+        terms["preserve"] = Term(kl, len(preserved))
+    if engine is not None and (rolled := [i for i in rows if i < cfg.rollout_batch]):
+        unlikely, tokens, repeats = unlikelihood_loss(backbone, engine, [prompts[i] for i in rolled], cfg.rollout_tokens)
+        terms["unlikelihood"] = Term(unlikely, tokens)
+        stats.update(rollout_tokens=tokens, rollout_repeats=repeats)
+    return terms, stats
+
+
+def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig, params: list[torch.Tensor],
+               shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Linear | None = None,
+               check_ids: list[str] | None = None, texts: list[list[int]] | None = None,
+               engine: Engine | None = None) -> dict[str, float]:
+    """Set the gradient of `params` (every worker's the same) to that of the loss of the global `batch`, this worker
+    computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
+    summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
+    up with one all-reduce: the same gradient, to rounding, as one worker computing the whole batch at once. Returns
+    the whole batch's loss, target tokens, rollout tokens and repeats, the seconds this worker waited for the slowest
+    one, and those it then spent in the all-reduces."""
+    mine = shard.mine(len(batch))
+    dev = backbone.device
+    sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
+    totals, counts, weights = dict.fromkeys(TERMS, 0.0), dict.fromkeys(TERMS, 0.0), term_weights(cfg)
+    stats = {"target_tokens": 0, "rollout_tokens": 0, "rollout_repeats": 0}
+    # on a GPU the aux model's fp32 master weights run in bf16 under autocast, beside the bf16 backbone
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        thoughts, copying = encode_batch(aux, batch, mine, cfg)
+    size = micro_batch or max(1, len(mine))
+    for at in range(0, len(mine), size):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, probe, check_ids, texts,
+                                         engine)
+        if at == 0:
+            terms.update(copying)
+        for key, value in counted.items():
+            stats[key] += value
+        for name, term in terms.items():
+            totals[name] += float(term.total.detach())
+            counts[name] += term.count
+            if term.total.requires_grad:
+                grads = torch.autograd.grad(term.total, params, retain_graph=True, allow_unused=True)
+                for acc, g in zip(sums[name], grads):
+                    if g is not None:
+                        acc += g
+    figures = torch.tensor([*totals.values(), *counts.values(), *stats.values()], dtype=torch.float64, device=dev)
+    started = time.perf_counter()
+    shard.wait()
+    waited = time.perf_counter() - started
+    started = time.perf_counter()
+    shard.all_sum(figures)
+    synced = time.perf_counter() - started
+    n = len(TERMS)
+    totals, counts = dict(zip(TERMS, figures[:n].tolist())), dict(zip(TERMS, figures[n : 2 * n].tolist()))
+    used = [name for name in TERMS if counts[name] > 0]
+    flat = torch.cat([sum((weights[name] / counts[name]) * sums[name][j] for name in used).reshape(-1)
+                      if used else torch.zeros_like(p).reshape(-1) for j, p in enumerate(params)])
+    started = time.perf_counter()
+    shard.all_sum(flat)
+    synced += time.perf_counter() - started
+    at = 0
+    for p in params:
+        p.grad = flat[at : at + p.numel()].view_as(p).clone()
+        at += p.numel()
+    stats = dict(zip(stats, figures[2 * n :].tolist()))
+    return {"loss": sum(weights[name] * totals[name] / counts[name] for name in used), **stats, "allreduce_s": synced,
+            "wait_s": waited}
 
 
 def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig,
@@ -375,21 +510,31 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_batch: int | None = None,
+          shard: Shard = Shard(), resume_from: str | Path | None = None,
+          on_checkpoint: Callable[[int, Path | None, dict], None] | None = None) -> Path:
+    """Train (or, with `resume`, continue from OUT/last) and save OUT/final; returns its path.
+
+    Data parallel when `shard` is one of several workers (`train_aux.distributed`): every worker holds a frozen
+    backbone replica, draws the same global batches and computes its part (`train_step`); rank 0 writes the log and
+    the checkpoints, and `on_checkpoint(step, directory or None, metrics)` is called on every worker at each one.
+    `resume_from` names a checkpoint to continue from instead of OUT/last."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    lead = shard.rank == 0
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data_dir)
     users, answers = read_jsonl(data / "train_users.jsonl"), read_jsonl(data / "answers.jsonl")
-    backbone = load_backbone(cfg.backbone, dtype=cfg.dtype)
-    fingerprint = backbone.fingerprint
-    last = out / "last"
+    backbone = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)
+    fingerprint = _same_everywhere(shard, backbone.fingerprint, "before")
+    last = Path(resume_from) if resume_from else out / "last"
     # offset: the steps of the checkpoint this run started from (--init); this run's step s is step offset + s
-    if resume and (last / "config.json").exists():
+    if (resume or resume_from) and (last / "config.json").exists():
         aux = SoftThoughtAux.from_pretrained(last, backbone=backbone)
-        state = torch.load(last / "training_state.pt", weights_only=False)
+        state = torch.load(last / "training_state.pt", weights_only=False, map_location="cpu")
         offset = aux.config.metadata.get("init_steps", 0)
     elif cfg.init:
         aux = SoftThoughtAux.from_pretrained(cfg.init, backbone=backbone)
@@ -404,11 +549,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         aux.config.thoughts_seen_by = cfg.thoughts_seen_by
     if cfg.thoughts_at:
         aux.config.thoughts_at = cfg.thoughts_at
-    aux.train()
+    aux.to(backbone.device).train()  # fp32 master weights wherever the backbone is
     # the probe reads the mean thought; it is part of training only and never saved with the checkpoint
     check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})
-    probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)) if cfg.probe_weight > 0 else None
+    probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)).to(backbone.device) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first)
     texts = []
@@ -423,76 +569,128 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         examples.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and backbone.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], backbone.device)
         start = state["step"]
-    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to through the whole run, closed at its end
-    log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
-                          "trainable_params": sum(p.numel() for p in aux.trainable_parameters())}) + "\n")
-    # every phase's config, so that a checkpoint resumed with new settings still says how all of it was trained
+    shard.broadcast(params)  # a fresh model is drawn from the same seed everywhere; this makes sure of it
+    workers = shard.all_gather({"rank": shard.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                                "device": str(backbone.device)})
     settings = cfg.model_dump()
+    # every phase's config, so that a checkpoint resumed with new settings still says how all of it was trained
     phases = list(aux.config.metadata.get("phases", [])) if state or cfg.init else []
     if not phases or phases[-1]["train_config"] != settings:
         phases.append({"from_step": offset + start, "train_config": settings})
     meta = {"backbone_fingerprint": fingerprint, "data_hash": data_hash(data),
             "train_config": settings, "phases": phases, **({"init_steps": offset} if offset else {})}
+    log = None
+    if lead:
+        (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+        log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to through the whole run, closed at its end
+        log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
+                              "trainable_params": sum(p.numel() for p in aux.trainable_parameters()),
+                              "global_batch": cfg.batch_size, "micro_batch": micro_batch, "workers": workers}) + "\n")
     engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 else None
-    t0, tokens, recent, repeats = time.perf_counter(), 0, [], []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step")
+    t0, tokens, recent, repeats, synced, waited = time.perf_counter(), 0, [], [], 0.0, 0.0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step", disable=not lead)
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             g["lr"] = base * lr_factor(step, cfg)
         batch = [examples.sample() for _ in range(cfg.batch_size)]
         preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts else None
         rollout = engine if engine is not None and step % cfg.rollout_every == 0 else None
-        loss, n_tokens, repeat_share = batch_loss(backbone, aux, batch, cfg, probe, check_ids, preserve, rollout)
-        repeats += [] if repeat_share is None else [repeat_share]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, check_ids, preserve, rollout)
+        if figures["rollout_tokens"]:
+            repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)
         optimizer.step()
-        tokens += n_tokens
-        recent.append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        tokens += figures["target_tokens"]
+        synced += figures["allreduce_s"]
+        waited += figures["wait_s"]
+        recent.append(figures["loss"])
         bar.set_postfix(loss=f"{sum(recent[-10:]) / len(recent[-10:]):.3f}")
         if (step + 1) % cfg.log_every == 0:
             elapsed = time.perf_counter() - t0
-            log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
-                                  "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1),
-                                  **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {})}) + "\n")
-            log.flush()
+            if log:
+                log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
+                                      "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1),
+                                      **({"allreduce_s": round(synced, 3), "wait_s": round(waited, 3)} if shard.size > 1 else {}),
+                                      **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {})}) + "\n")
+                log.flush()
             recent, repeats = [], []
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(aux, optimizer, probe, examples, step + 1, last, {**meta, "step": offset + step + 1})
+            saved = None
+            if lead:
+                saved = _checkpoint(aux, optimizer, probe, examples, step + 1, out / "last", {**meta, "step": offset + step + 1})
+            if on_checkpoint:
+                on_checkpoint(step + 1, saved, {"step": step + 1, "loss": figures["loss"]})
+            if log:
+                log.write(json.dumps({"event": "checkpoint", "step": step + 1}) + "\n")
+                log.flush()
     assert all(p.grad is None for p in backbone.model.parameters()), "the backbone received gradients"
-    after = weights_fingerprint(backbone.model)
-    log.write(json.dumps({"event": "end", "backbone_fingerprint_before": fingerprint,
-                          "backbone_fingerprint_after": after, "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
-    log.close()
+    after = _same_everywhere(shard, weights_fingerprint(backbone.model), "after")
+    if log:
+        log.write(json.dumps({"event": "end", "backbone_fingerprint_before": fingerprint,
+                              "backbone_fingerprint_after": after, "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
+        log.close()
     if after != fingerprint:
         raise RuntimeError(f"backbone fingerprint changed during training: {fingerprint} -> {after}")
     final = out / "final"
-    aux.config.metadata = {**meta, "steps": offset + cfg.steps}
-    aux.save_pretrained(final)
+    if lead:
+        aux.config.metadata = {**meta, "steps": offset + cfg.steps}
+        aux.save_pretrained(final)
     return final
 
 
-def _checkpoint(aux, optimizer, probe, examples, step, directory: Path, meta: dict) -> None:
+def _same_everywhere(shard: Shard, fingerprint: str, when: str) -> str:
+    """The backbone's fingerprint, checked to be the same on every worker."""
+    found = shard.all_gather(fingerprint)
+    if len(set(found)) > 1:
+        raise RuntimeError(f"the workers' backbones differ {when} training: fingerprints {found}")
+    return fingerprint
+
+
+def _checkpoint(aux, optimizer, probe, examples, step, directory: Path, meta: dict) -> Path:
     aux.config.metadata = meta
     aux.save_pretrained(directory)
     torch.save({"optimizer": optimizer.state_dict(), "probe": probe.state_dict() if probe is not None else None,
-                "rng": examples.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step},
+                "rng": examples.rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
+                "cuda_rng": torch.cuda.get_rng_state(aux.device) if aux.device.type == "cuda" else None},
                directory / "training_state.pt")
+    return directory
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU if one is visible); with "
+                                                    "--workers, each worker's own GPU when --gpus-per-worker > 0")
+    ap.add_argument("--workers", type=int, help="data parallel on Ray Train with this many workers, each with its own "
+                                                "backbone replica (train_aux.distributed)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--micro-batch", type=int, help="examples a worker computes at once; its share of the global "
+                                                    "batch_size is accumulated (default: all of it at once)")
+    ap.add_argument("--max-failures", type=int, default=3, help="with --workers: restarts from the last checkpoint "
+                                                                "after a worker dies")
     for name, spec in TrainConfig.model_fields.items():
         kind = next((t for t in (int, float) if t in (spec.annotation, *get_args(spec.annotation))), str)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     args = vars(ap.parse_args(argv))
-    config, resume = args.pop("config"), args.pop("resume")
-    final = train(load_config(config, args), resume=resume)
+    config, resume, device, micro = args.pop("config"), args.pop("resume"), args.pop("device"), args.pop("micro_batch")
+    run = {k: args.pop(k) for k in ("workers", "gpus_per_worker", "cpus_per_worker", "max_failures")}
+    cfg = load_config(config, args)
+    if micro is not None and micro < 1:
+        ap.error("--micro-batch must be at least 1")
+    if run["workers"] is None:
+        final = train(cfg, resume=resume, device=device, micro_batch=micro)
+    else:
+        from .distributed import train_on_ray
+
+        if not 1 <= run["workers"] <= cfg.batch_size:
+            ap.error(f"--workers must be between 1 and the global batch_size ({cfg.batch_size})")
+        final = train_on_ray(cfg, resume=resume, micro_batch=micro, **run)
     print(final)
 
 

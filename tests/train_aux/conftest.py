@@ -11,3 +11,13 @@ def data_dir(tmp_path):
                for i in range(10)]
     write_jsonl(tmp_path / "answers.jsonl", answers)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster (4 logical CPUs: a worker or actor takes one) for Ray Train and sharded evaluation."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -6,9 +6,9 @@ import torch
 from softthought.aux_model import SoftThoughtAux
 from softthought.splice import Placement, build_text_prompt, embed_prompt, hiding_mask, left_pad
 from train_aux.train import (
-    copy_loss,
     copy_strings,
     copy_targets,
+    copy_terms,
     edited_chars,
     load_config,
     preservation_loss,
@@ -86,17 +86,17 @@ def test_unlikelihood_is_minus_log_one_minus_p_of_the_greedy_replies_repeats_and
     thoughts = (table.weight[:8].detach().clone().reshape(2, 4, -1) * 3).requires_grad_()
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": q}], th) for q, th in zip(["Hi", "Why?"], thoughts)]
     engine = Engine(tiny)
-    loss, share = unlikelihood_loss(tiny, engine, prompts, 32)
+    loss, tokens, repeats = unlikelihood_loss(tiny, engine, prompts, 32)
     loss.backward()
     assert thoughts.grad.abs().sum() > 0 and all(p.grad is None for p in tiny.model.parameters())
     # the same figures from the replies generated and scored apart
     plain = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments]) for p in prompts]
     replies = [r.token_ids for r in engine.generate(plain, SamplingParams(max_tokens=32, temperature=0))]
     flagged = [repeated_positions(r) for r in replies]
-    assert share == sum(map(len, flagged)) / sum(map(len, replies)) > 0  # a random-init backbone repeats itself
+    assert tokens == sum(map(len, replies)) and repeats == sum(map(len, flagged)) > 0  # a random-init backbone repeats itself
     with torch.no_grad():
         logps = reply_logprobs(tiny.model, table, prompts, replies)
-    expected = sum(-torch.log(1 - lp[pos].exp()).sum() for lp, pos in zip(logps, flagged)) / sum(map(len, replies))
+    expected = sum(-torch.log(1 - lp[pos].exp()).sum() for lp, pos in zip(logps, flagged))
     assert torch.allclose(loss, expected, rtol=1e-4)
 
 
@@ -167,7 +167,7 @@ def test_preservation_texts_read_the_reply_from_the_last_answer_prompt(tiny):
 @pytest.mark.parametrize("placement", [Placement(reply_only=True), Placement(at_end=True)])
 def test_preservation_kl_runs_over_what_reads_the_thoughts(tiny, placement):
     """The student's text before its reply does not see the thoughts (hidden, or placed after it), and the KL is the
-    mean over the reply's positions."""
+    mean over the reply's positions, summed over the texts."""
     tok, table = tiny.tokenizer, tiny.model.get_input_embeddings()
     texts = preservation_texts(tok, ["Question: why is the sea so big?\nAnswer: water.", "Q: a cat?\nAnswer: A cat sat."], 96)
     thoughts = torch.randn(2, 3, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -183,7 +183,7 @@ def test_preservation_kl_runs_over_what_reads_the_thoughts(tiny, placement):
             expected.append(torch.nn.functional.kl_div(student, plain, log_target=True, reduction="batchmean"))
         got = preservation_loss(tiny, thoughts, texts, placement=placement)
         every_position = preservation_loss(tiny, thoughts, texts)
-    assert got.item() == pytest.approx(sum(expected).item() / 2, rel=1e-4)
+    assert got.item() == pytest.approx(sum(expected).item(), rel=1e-4)
     assert every_position.item() != pytest.approx(got.item(), rel=1e-2)
 
 
@@ -207,9 +207,15 @@ def test_copy_loss_is_low_only_where_the_right_tokens_are_taken_and_the_gates_ma
     picks[0, 0, 2] = picks[0, 1, 3] = picks[0, 2, 0] = 1.0
     picks[1, :, 0] = 1.0
     right_gates = torch.tensor([[20.0, 20.0, -20.0], [-20.0, -20.0, -20.0]])
-    assert copy_loss(picks, right_gates, targets) < 1e-6
-    assert copy_loss(picks.roll(1, dims=2), right_gates, targets) > 10  # wrong tokens
-    assert copy_loss(picks, -right_gates, targets) > 10  # gates the wrong way round
+
+    def copy_loss(picks, gates):
+        terms = copy_terms(picks, gates, targets)
+        assert (terms["copy_pointer"].count, terms["copy_gates"].count) == (2, 6)
+        return sum(t.total / t.count for t in terms.values())
+
+    assert copy_loss(picks, right_gates) < 1e-6
+    assert copy_loss(picks.roll(1, dims=2), right_gates) > 10  # wrong tokens
+    assert copy_loss(picks, -right_gates) > 10  # gates the wrong way round
 
 
 def test_copy_thoughts_train_from_an_init_checkpoint_and_learn_to_point(tmp_path, data_dir, tiny_dir, tiny):
