@@ -8,7 +8,8 @@ which preferences the summary holds (`probe_weight`), plus an optional preservat
 the plain backbone's next-token distributions to those with the thoughts as a prefix of plain text, so that
 thoughts speak to the chat reply and leave the backbone's general ability alone (`preserve_weight`).
 
-    python -m train_aux.train --config train_aux/configs/default.yaml [--steps N --out DIR ...]
+    python -m train_aux.train --config train_aux/configs/default.yaml [--steps N --out DIR ...] [--device cuda]
+    python -m train_aux.train --config ... --workers N [--gpus-per-worker 1]     # data parallel, train_aux.distributed
 """
 
 from __future__ import annotations
