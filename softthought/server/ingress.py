@@ -68,25 +68,31 @@ def replica_failure(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError | BackPressureError)
 
 
-def unavailable(exc: BaseException) -> oai.APIError:
+def _request_id(incoming: str | None) -> tuple[str, dict]:
+    """The id an error's body and log name, and the headers that carry it. Behind Ray Serve's proxy a request already
+    has one (its `x-request-id`, which the proxy also sets on the response): that one, so the client sees one id;
+    elsewhere a new one, sent as the header."""
+    return (incoming, {}) if incoming else ((new := oai.new_id("req")), {"x-request-id": new})
+
+
+def unavailable(exc: BaseException, incoming: str | None = None) -> oai.APIError:
     """503 + Retry-After for a replica failure, logged here in full under a request id that the body names; the
     client learns nothing of Ray's internals (actor ids, pids, addresses)."""
-    request_id = oai.new_id("req")
+    request_id, headers = _request_id(incoming)
     log.error("request %s: a model replica failed: %r", request_id, exc)
     return oai.APIError(503, f"A model replica is restarting; retry shortly (request id {request_id}).",
-                        code="replica_unavailable", type="service_unavailable",
-                        headers={"Retry-After": "1", "x-request-id": request_id})
+                        code="replica_unavailable", type="service_unavailable", headers={"Retry-After": "1", **headers})
 
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     if replica_failure(exc):
-        return await _api_error(request, unavailable(exc))
-    request_id = oai.new_id("req")
+        return await _api_error(request, unavailable(exc, request.headers.get("x-request-id")))
+    request_id, headers = _request_id(request.headers.get("x-request-id"))
     if not is_cancellation(exc):  # a handle call cancelled because its client left is no error of ours
         log.exception("request %s: unhandled error", request_id)
     return JSONResponse(oai.APIError(500, f"Internal server error (request id {request_id}).",
-                                     code="internal_error").body(), status_code=500, headers={"x-request-id": request_id})
+                                     code="internal_error").body(), status_code=500, headers=headers)
 
 
 app.add_middleware(RequestMetrics)
