@@ -54,8 +54,8 @@ class TrainConfig(BaseModel):
     # Thoughts mixed from the backbone's own embeddings of the summary's tokens (`AuxConfig.copy_thoughts`). With
     # --init, a checkpoint without them grows this many fresh ones; None keeps the checkpoint's (new: none).
     copy_thoughts: int | None = None
-    # Weight of the copy thoughts' pointer loss (`copy_loss`): thought i takes the i-th token of the strings the
-    # user asked for, and the gates open on those and stay shut elsewhere.
+    # Weight of the copy thoughts' pointer and gate losses (`copy_terms`): thought i takes the i-th token of the
+    # strings the user asked for, and the gates open on those and stay shut elsewhere.
     copy_weight: float = 1.0
     # Where the edit brings in a keyword the answer lacks: a sentence after the answer, or one that opens the reply,
     # where a copied word is the next thing written.
