@@ -161,13 +161,20 @@ def _add(text: str, sentences: str, first: bool) -> str:
     return f"{sentences} {text}" if first else f"{text} {sentences}"
 
 
+#: Edits that must run even when the answer already passes: a limit keeps room for the words other edits add.
+ALWAYS_EDITED = {"length_constraints:number_words", "length_constraints:number_sentences"}
+
+
 def edit_answer(answer: str, prompt: str, checks: list[dict], rng: random.Random, keywords_first: bool = False) -> str | None:
     """The smallest edit of the backbone's own answer that satisfies every check, or None if none is found.
 
-    `answer` is the plain backbone's answer, or for a response-language user its sampled answer in that language.
+    `answer` is the plain backbone's answer, for a response-language user its sampled answer in that language, or the
+    student's own reply (`train.own_targets`), which may already follow some checks: what follows one already (a
+    title, bullets, a postscript, quotes) is left as it is rather than written twice.
     `keywords_first`: the sentences that bring in missing keywords open the reply instead of closing it."""
-    kinds = {c["instruction_id"]: c.get("kwargs") or {} for c in checks}
     text = answer.strip()
+    kinds = {c["instruction_id"]: c.get("kwargs") or {} for c in checks
+             if c["instruction_id"] in ALWAYS_EDITED or not check(text, c["instruction_id"], c.get("kwargs"))}
     if "length_constraints:number_words" in kinds and kinds["length_constraints:number_words"]["relation"] == "less than":
         budget = kinds["length_constraints:number_words"]["num_words"]
         # leave room for the words other edits add (title, end phrase, postscript, keywords, placeholders, sections)

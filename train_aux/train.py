@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
-from softthought.generation import Engine, SamplingParams
+from softthought.generation import Engine, GenerationResult, SamplingParams
 from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
-from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, reply_texts, summary_before
+from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, reply_texts, summary_before, whole_sentences
 
 
 class TrainConfig(BaseModel):
@@ -95,6 +95,10 @@ class TrainConfig(BaseModel):
     # Weight of a sequence-level unlikelihood term on the student's own greedy replies (`unlikelihood_loss`), run every
     # `rollout_every` steps on the batch's first `rollout_batch` prompts for up to `rollout_tokens` tokens.
     rollout_weight: float = 0.0
+    # Weight of the cross-entropy on those same greedy replies minimally edited to satisfy the user's checks
+    # (`own_targets`, as DAgger): the edited answers show each correction after the plain backbone's words, but the
+    # thoughts are judged after their own, where an end phrase, a closing quote or a postscript must then follow.
+    own_weight: float = 0.0
     rollout_every: int = 2
     rollout_batch: int = 8
     rollout_tokens: int = 96
@@ -174,8 +178,12 @@ class Example:
     prompt: str
     target: str  # the backbone's own answer, edited to satisfy the user's checks
     answer: str  # that answer unedited
-    check_ids: list[str]
+    checks: list[dict]  # the user's checks, IFEval ids and kwargs
     copy_strings: list[str] = field(default_factory=list)  # what the user asks for word for word (`copy_strings`)
+
+    @property
+    def check_ids(self) -> list[str]:
+        return [c["instruction_id"] for c in self.checks]
 
 
 class Examples:
@@ -203,8 +211,8 @@ class Examples:
             if target is not None and not is_loop(target):
                 # an answer in another language is weighed against itself: were all of it counted as edited (against
                 # the plain answer), these few users' whole replies outweighed every other preference's edits
-                return Example(user["summary"], row["prompt"], target, row["answer"],
-                               [c["instruction_id"] for c in user["checks"]], copy_strings(user["checks"]))
+                return Example(user["summary"], row["prompt"], target, row["answer"], user["checks"],
+                               copy_strings(user["checks"]))
 
 
 #: The checks' arguments a reply must contain word for word: what copy thoughts should hand the backbone.
@@ -318,13 +326,17 @@ def repeated_positions(ids: list[int], n: int = 4) -> list[int]:
     return out
 
 
-def unlikelihood_loss(backbone: Backbone, engine: Engine, prompts: list[Prompt], max_tokens: int) -> tuple[torch.Tensor, int, int]:
-    """Sequence-level unlikelihood (Welleck et al., 2020) on the student's own greedy replies to `prompts`: -log(1 - p)
-    of every token that completes a 4-gram its reply already wrote, summed (the loss divides it by the rollouts'
-    tokens). Loops are what the edited targets can teach and teacher forcing never shows: they happen only in the
-    model's own replies. Returns (that sum, the rollouts' tokens, how many of them repeat)."""
+def rollouts(engine: Engine, prompts: list[Prompt], max_tokens: int) -> list[GenerationResult]:
+    """The student's own greedy replies to `prompts` (the evaluation's decoding), without gradients."""
     detached = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments], p.reply_only) for p in prompts]
-    replies = [r.token_ids for r in engine.generate(detached, SamplingParams(max_tokens=max_tokens, temperature=0))]
+    return engine.generate(detached, SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def unlikelihood_loss(backbone: Backbone, prompts: list[Prompt], replies: list[list[int]]) -> tuple[torch.Tensor, int, int]:
+    """Sequence-level unlikelihood (Welleck et al., 2020) on the student's own replies (`rollouts`) to `prompts`:
+    -log(1 - p) of every token that completes a 4-gram its reply already wrote, summed (the loss divides it by the
+    rollouts' tokens). Loops are what the edited targets can teach and teacher forcing never shows: they happen only
+    in the model's own replies. Returns (that sum, the rollouts' tokens, how many of them repeat)."""
     tokens = sum(len(r) for r in replies)
     looping = [(p, r, pos) for p, r in zip(prompts, replies) if (pos := repeated_positions(r))]
     if not looping:
@@ -333,6 +345,22 @@ def unlikelihood_loss(backbone: Backbone, engine: Engine, prompts: list[Prompt],
                            [r for _, r, _ in looping])
     unlikely = torch.cat([-torch.log1p(-lp[pos].exp().clamp(max=1 - 1e-6)) for lp, (_, _, pos) in zip(logps, looping)])
     return unlikely.sum(), tokens, sum(len(pos) for _, _, pos in looping)
+
+
+def own_targets(examples: list[Example], replies: list[str], keywords_first: bool) -> list[tuple[int, str, str]]:
+    """(index, source, target) for each of the student's own `replies` that an edit makes pass its example's checks:
+    the reply cut back to whole sentences (the source) and minimally edited (`data.edit_answer`; a reply that passes
+    already is its own target). Loops are left out, as in the edited answers. The edit's random choices are seeded by
+    the example, so that every worker makes the same."""
+    out = []
+    for i, (ex, reply) in enumerate(zip(examples, replies)):
+        source = whole_sentences(reply)
+        if len(source.split()) < 3 or is_loop(source):
+            continue
+        target = edit_answer(source, ex.prompt, ex.checks, random.Random(f"{ex.summary}\n{ex.prompt}"), keywords_first)
+        if target is not None and not is_loop(target):
+            out.append((i, source, target))
+    return out
 
 
 def preservation_texts(tokenizer, raw: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
@@ -378,12 +406,13 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
 
 
 #: The loss's terms, in the order their sums and counts travel between workers.
-TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "unlikelihood")
+TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "unlikelihood", "own")
 
 
 def term_weights(cfg: TrainConfig) -> dict[str, float]:
     return {"target": 1.0, "copy_pointer": cfg.copy_weight, "copy_gates": cfg.copy_weight, "probe": cfg.probe_weight,
-            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight}
+            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight,
+            "own": cfg.own_weight}
 
 
 def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, Term]]:
@@ -403,8 +432,9 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                 texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
     """The student's loss terms over examples `rows` of the global `batch`, reading `thoughts` (`encode_batch`) instead
     of the summary text: the edited targets' cross-entropy, the probe's, the preservation KL on texts[i] for the rows
-    i < len(texts), and with an `engine` the unlikelihood of its own replies' repeats for the rows i < rollout_batch.
-    Returns the terms and the counts the log reports (target tokens, rollout tokens and their repeats)."""
+    i < len(texts), and with an `engine`, on its own greedy replies for the rows i < rollout_batch, the unlikelihood
+    of their repeats and the cross-entropy of their edits (`own_targets`). Returns the terms and the counts the log
+    reports (target tokens, rollout tokens and their repeats, own targets)."""
     tok = backbone.tokenizer
     placement = aux.placement
     prompts = {i: build_chat_prompt(tok, [{"role": "user", "content": batch[i].prompt}], thoughts[i], placement=placement)
@@ -413,7 +443,7 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                                            [prompts[i] for i in rows], [batch[i].target for i in rows], cfg.max_target_tokens,
                                            [batch[i].answer for i in rows], cfg.edit_weight)
     terms = {"target": Term(total, weights)}
-    stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0}
+    stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     if probe is not None:
         labels = torch.tensor([[float(c in batch[i].check_ids) for c in check_ids] for i in rows], device=thoughts.device)
         bce = F.binary_cross_entropy_with_logits(probe(thoughts[rows].mean(1)), labels, reduction="sum")
@@ -424,9 +454,17 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
         kl = preservation_loss(backbone, thoughts[preserved], [texts[i] for i in preserved], prefixes, placement)
         terms["preserve"] = Term(kl, len(preserved))
     if engine is not None and (rolled := [i for i in rows if i < cfg.rollout_batch]):
-        unlikely, tokens, repeats = unlikelihood_loss(backbone, engine, [prompts[i] for i in rolled], cfg.rollout_tokens)
-        terms["unlikelihood"] = Term(unlikely, tokens)
-        stats.update(rollout_tokens=tokens, rollout_repeats=repeats)
+        replies = rollouts(engine, [prompts[i] for i in rolled], cfg.rollout_tokens)
+        if cfg.rollout_weight > 0:
+            unlikely, tokens, repeats = unlikelihood_loss(backbone, [prompts[i] for i in rolled], [r.token_ids for r in replies])
+            terms["unlikelihood"] = Term(unlikely, tokens)
+            stats.update(rollout_tokens=tokens, rollout_repeats=repeats)
+        if cfg.own_weight > 0 and (own := own_targets([batch[i] for i in rolled], [r.text for r in replies], cfg.keywords_first)):
+            total, weights, _ = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
+                                            [prompts[rolled[j]] for j, _, _ in own], [t for _, _, t in own],
+                                            cfg.max_target_tokens, [s for _, s, _ in own], cfg.edit_weight)
+            terms["own"] = Term(total, weights)
+            stats["own_targets"] = len(own)
     return terms, stats
 
 
@@ -438,13 +476,13 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
     up with one all-reduce: the same gradient, to rounding, as one worker computing the whole batch at once. Returns
-    the whole batch's loss, target tokens, rollout tokens and repeats, the seconds this worker waited for the slowest
-    one, and those it then spent in the all-reduces."""
+    the whole batch's loss, target tokens, rollout tokens and repeats, own targets, the seconds this worker waited
+    for the slowest one, and those it then spent in the all-reduces."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
     totals, counts, weights = dict.fromkeys(TERMS, 0.0), dict.fromkeys(TERMS, 0.0), term_weights(cfg)
-    stats = {"target_tokens": 0, "rollout_tokens": 0, "rollout_repeats": 0}
+    stats = {"target_tokens": 0, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     # on a GPU the aux model's fp32 master weights run in bf16 under autocast, beside the bf16 backbone
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         thoughts, copying = encode_batch(aux, batch, mine, cfg)
@@ -590,8 +628,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
                               "trainable_params": sum(p.numel() for p in aux.trainable_parameters()),
                               "global_batch": cfg.batch_size, "micro_batch": micro_batch, "workers": workers}) + "\n")
-    engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 else None
-    t0, tokens, recent, repeats, synced, waited = time.perf_counter(), 0, [], [], 0.0, 0.0
+    engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 or cfg.own_weight > 0 else None
+    t0, tokens, recent, repeats, owned, synced, waited = time.perf_counter(), 0, [], [], [], 0.0, 0.0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step", disable=not lead)
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
@@ -602,6 +640,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, check_ids, preserve, rollout)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
+        if rollout is not None and cfg.own_weight > 0:
+            owned.append(figures["own_targets"] / min(cfg.rollout_batch, cfg.batch_size))
         torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -616,9 +656,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                 log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
                                       "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1),
                                       **({"allreduce_s": round(synced, 3), "wait_s": round(waited, 3)} if shard.size > 1 else {}),
-                                      **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {})}) + "\n")
+                                      **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {}),
+                                      # the share of rollouts an edit could turn into targets
+                                      **({"own_targets": round(sum(owned) / len(owned), 4)} if owned else {})}) + "\n")
                 log.flush()
-            recent, repeats = [], []
+            recent, repeats, owned = [], [], []
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             saved = None
             if lead:

@@ -6,15 +6,18 @@ import torch
 from softthought.aux_model import SoftThoughtAux
 from softthought.splice import Placement, build_text_prompt, embed_prompt, hiding_mask, left_pad
 from train_aux.train import (
+    Example,
     copy_strings,
     copy_targets,
     copy_terms,
     edited_chars,
     load_config,
+    own_targets,
     preservation_loss,
     preservation_texts,
     repeated_positions,
     reply_logprobs,
+    rollouts,
     target_loss,
     train,
     unlikelihood_loss,
@@ -25,13 +28,14 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
                                  num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
                                  probe_weight=0.5, preserve_weight=1.0, preserve_batch=2, preserve_tokens=16,
-                                 rollout_weight=1.0, rollout_every=2, rollout_batch=2, rollout_tokens=12))
+                                 rollout_weight=1.0, own_weight=1.0, rollout_every=2, rollout_batch=2, rollout_tokens=12))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
     assert [e["step"] for e in events if "rollout_repeats" in e] == [1, 3]  # rollouts every second step
+    assert [e["step"] for e in events if "own_targets" in e] == [1, 3]
     aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
     assert aux.config.metadata["steps"] == 3 and aux.config.metadata["data_hash"]
     # resume: continuing to 5 steps starts from step 3's state (here with the KL on question-answer text instead)
@@ -78,6 +82,22 @@ def test_repeated_positions_are_the_tokens_that_complete_a_4gram_seen_before():
     assert repeated_positions([1, 2, 3, 1, 2, 4, 1, 2, 3]) == []
 
 
+def test_own_targets_edit_the_students_replies_and_leave_out_loops():
+    end = [{"instruction_id": "startend:end_checker", "kwargs": {"end_phrase": "That is all."}}]
+    title = [{"instruction_id": "detectable_format:title", "kwargs": {}}]
+    examples = [Example("Always end with 'That is all.'", "Why is the sky blue?", "", "", end),
+                Example("Give every answer a title.", "Tell me about rain.", "", "", title),
+                Example("Give every answer a title.", "Tell me about rain.", "", "", title),
+                Example("Always end with 'That is all.'", "Why is the sky blue?", "", "", end)]
+    replies = ["Light scatters in the air, and blue scatters most. It",  # cut off by max_tokens mid-sentence
+               "<<Rain>>\nRain is water that falls from clouds.",  # follows its check already: kept as it is
+               "Rain falls. " * 12,  # a loop
+               "Sky."]  # too short to be an answer
+    assert own_targets(examples, replies, keywords_first=False) == [
+        (0, "Light scatters in the air, and blue scatters most.", "Light scatters in the air, and blue scatters most. That is all."),
+        (1, "<<Rain>>\nRain is water that falls from clouds.", "<<Rain>>\nRain is water that falls from clouds.")]
+
+
 def test_unlikelihood_is_minus_log_one_minus_p_of_the_greedy_replies_repeats_and_reaches_only_the_thoughts(tiny):
     from softthought.generation import Engine, SamplingParams
     from softthought.splice import Prompt, build_chat_prompt
@@ -86,12 +106,13 @@ def test_unlikelihood_is_minus_log_one_minus_p_of_the_greedy_replies_repeats_and
     thoughts = (table.weight[:8].detach().clone().reshape(2, 4, -1) * 3).requires_grad_()
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": q}], th) for q, th in zip(["Hi", "Why?"], thoughts)]
     engine = Engine(tiny)
-    loss, tokens, repeats = unlikelihood_loss(tiny, engine, prompts, 32)
+    replies = [r.token_ids for r in rollouts(engine, prompts, 32)]
+    loss, tokens, repeats = unlikelihood_loss(tiny, prompts, replies)
     loss.backward()
     assert thoughts.grad.abs().sum() > 0 and all(p.grad is None for p in tiny.model.parameters())
-    # the same figures from the replies generated and scored apart
+    # the rollouts are the greedy replies, generated apart from the thoughts' graph
     plain = [Prompt([s.detach() if isinstance(s, torch.Tensor) else s for s in p.segments]) for p in prompts]
-    replies = [r.token_ids for r in engine.generate(plain, SamplingParams(max_tokens=32, temperature=0))]
+    assert replies == [r.token_ids for r in engine.generate(plain, SamplingParams(max_tokens=32, temperature=0))]
     flagged = [repeated_positions(r) for r in replies]
     assert tokens == sum(map(len, replies)) and repeats == sum(map(len, flagged)) > 0  # a random-init backbone repeats itself
     with torch.no_grad():
