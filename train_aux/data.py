@@ -20,7 +20,7 @@ from softthought.ifeval import check, check_all
 
 from .checks import is_loop
 from .paths import shared_data
-from .users import LANGUAGE_NAMES, LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
+from .users import LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
 
 TOPICS = [
     "the ocean", "volcanoes", "photosynthesis", "the moon", "honey bees", "the internet", "rain", "gravity",
@@ -277,32 +277,46 @@ def teacher_answers(prompts: list[str], backbone: str | None, max_tokens: int, b
     return rows
 
 
+#: "Always answer in <language>", written in that language: a system message in English drew English replies.
+ANSWER_IN = {"fr": "Réponds toujours en français.", "de": "Antworte immer auf Deutsch.", "es": "Responde siempre en español.",
+             "it": "Rispondi sempre in italiano.", "pt": "Responda sempre em português."}
+#: Openings written into the reply before the backbone goes on: begun in the language, SmolLM2-135M stays in it about
+#: 40-90 % of the time against 12-21 % from the system message alone; the thoughts then have one opening to start.
+OPENINGS = {"fr": ["Bien sûr ! Voici ma réponse en français : ", "Bonjour ! La réponse est la suivante : "],
+            "de": ["Gerne! Hier ist meine Antwort auf Deutsch: ", "Hallo! Die Antwort ist folgende: "],
+            "es": ["¡Claro! Aquí está mi respuesta en español: ", "¡Hola! La respuesta es la siguiente: "],
+            "it": ["Certo! Ecco la mia risposta in italiano: ", "Ciao! La risposta è questa: "],
+            "pt": ["Claro! Aqui está a minha resposta em português: ", "Olá! A resposta é a seguinte: "]}
+
+
 def language_answers(answers: list[dict], backbone: str | None, prompts: int, samples: int, max_tokens: int,
                      batch: int, seed: int) -> list[dict]:
     """The backbone's own answers in each of `LANGUAGES`, which no edit can write: sampled `samples` times per prompt
-    with the preference written as text (a system message), and kept (the first per prompt) only when IFEval's
-    language check passes. Their prompts are the first `prompts` of `answers`, so each has a plain answer beside it."""
+    with the preference written as text (a system message in the language) and the reply begun with one of the
+    language's `OPENINGS`, and kept (the first per prompt) only when IFEval's language check passes. Their prompts are
+    the first `prompts` of `answers`, so each has a plain answer beside it."""
     from softthought.generation import SamplingParams
     from softthought.pipeline import Pipeline
-    from softthought.splice import build_chat_prompt
+    from softthought.splice import Prompt, build_chat_prompt
 
     pipe = Pipeline.load(backbone, dtype="bfloat16", max_batch_size=batch)
+    tok = pipe.backbone.tokenizer
     chosen = [a["prompt"] for a in answers[:prompts]]
     rows = []
     for code in LANGUAGES:
-        system = f"Always answer in {LANGUAGE_NAMES['en'][code]}, never in English."
-        jobs = [p for p in chosen for _ in range(samples)]
+        jobs = [(p, OPENINGS[code][(j + s) % len(OPENINGS[code])]) for j, p in enumerate(chosen) for s in range(samples)]
         kept: dict[str, str] = {}
         for i in tqdm(range(0, len(jobs), batch), desc=f"answers in {code}", unit="batch"):
             chunk = jobs[i : i + batch]
-            built = [build_chat_prompt(pipe.backbone.tokenizer, [{"role": "system", "content": system},
-                                                                 {"role": "user", "content": p}]) for p in chunk]
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed + i)
-            for p, r in zip(chunk, pipe.engine.generate(built, params)):
-                answer = whole_sentences(r.text)
-                if p not in kept and len(answer.split()) >= 5 and check(answer, "language:response_language", {"language": code}):
-                    kept[p] = answer
-        rows += [{"prompt": p, "language": code, "answer": a} for p, a in kept.items()]
+            built = [Prompt([build_chat_prompt(tok, [{"role": "system", "content": ANSWER_IN[code]}, {"role": "user", "content": p}])
+                             .segments[0] + tok(opening, add_special_tokens=False)["input_ids"]]) for p, opening in chunk]
+            # one seed per sample: the engine seeds each sequence's sampler from its params
+            params = [SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed + i + k) for k in range(len(chunk))]
+            for (p, opening), r in zip(chunk, pipe.engine.generate(built, params)):
+                body = whole_sentences(r.text)
+                if p not in kept and len(body.split()) >= 5 and check(opening + body, "language:response_language", {"language": code}):
+                    kept[p] = (opening, body)
+        rows += [{"prompt": p, "language": code, "opening": o, "answer": o + b} for p, (o, b) in kept.items()]
     return rows
 
 
@@ -314,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-prompts", type=int, default=640)
     ap.add_argument("--eval-prompts", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--language-prompts", type=int, default=64, help="prompts answered in each language")
+    ap.add_argument("--language-prompts", type=int, default=160, help="prompts answered in each language")
     ap.add_argument("--language-samples", type=int, default=2, help="samples per prompt and language")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--backbone")

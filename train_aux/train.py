@@ -209,10 +209,11 @@ class Examples:
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
             if target is not None and not is_loop(target):
-                # an answer in another language is weighed against itself: were all of it counted as edited (against
-                # the plain answer), these few users' whole replies outweighed every other preference's edits
-                return Example(user["summary"], row["prompt"], target, row["answer"], user["checks"],
-                               copy_strings(user["checks"]))
+                # an answer in another language is weighed against itself less its opening (what the preference
+                # adds): were all of it counted as edited (against the plain answer), these few users' whole replies
+                # outweighed every other preference's edits
+                source = row["answer"][len(row.get("opening", "")) :]
+                return Example(user["summary"], row["prompt"], target, source, user["checks"], copy_strings(user["checks"]))
 
 
 #: The checks' arguments a reply must contain word for word: what copy thoughts should hand the backbone.
