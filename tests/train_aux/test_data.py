@@ -1,6 +1,8 @@
 import random
 import re
 
+import pytest
+
 from softthought.ifeval import check_all
 from train_aux.checks import CHECK_IDS
 from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_texts, whole_sentences
@@ -102,3 +104,16 @@ def test_reply_texts_keep_whole_answers_that_do_not_loop():
                {"prompt": "Say no.", "answer": "No, no, no, " * 20}]
     assert reply_texts(answers) == ["Question: Why is the sky blue?\nAnswer: Sunlight scatters. Blue scatters most, so the "
                                     "sky looks blue."]
+
+
+@pytest.mark.slow
+def test_answers_in_other_languages_begin_with_an_opening_and_pass_the_language_check(monkeypatch):
+    from train_aux import data
+
+    monkeypatch.setattr(data, "LANGUAGES", ("de", "pt"))
+    answers = [{"prompt": p, "answer": "An answer."} for p in ("Tell me about rain.", "What is a volcano?", "Why do cats purr?")]
+    rows = data.language_answers(answers, None, prompts=3, samples=2, max_tokens=32, batch=8, seed=0)
+    assert {r["language"] for r in rows} == {"de", "pt"}  # the embedded backbone, begun in the language, stays in it
+    for r in rows:
+        assert r["opening"] in data.OPENINGS[r["language"]] and r["answer"].startswith(r["opening"])
+        assert check_all(r["answer"], [{"instruction_id": "language:response_language", "kwargs": {"language": r["language"]}}]) == [True]

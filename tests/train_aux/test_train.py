@@ -260,3 +260,17 @@ def test_examples_leave_out_the_backbones_answers_that_loop():
     answers = [{"prompt": "Why?", "answer": "No, no, no, " * 20}, {"prompt": "How?", "answer": "Slowly, with care and patience."}]
     examples = Examples([user], answers, seed=0)
     assert {examples.sample().answer for _ in range(20)} == {"Slowly, with care and patience."}
+
+
+def test_an_answer_in_another_language_counts_its_opening_as_the_edit():
+    from train_aux.train import Examples
+
+    user = {"user": "u", "summary": "Réponds en français.",
+            "checks": [{"instruction_id": "language:response_language", "kwargs": {"language": "fr"}}]}
+    opening = "Bien sûr ! Voici ma réponse en français : "
+    body = "Le ciel est bleu parce que la lumière bleue se diffuse davantage dans l'air."
+    languages = [{"prompt": "Why is the sky blue?", "language": "fr", "opening": opening, "answer": opening + body}]
+    example = Examples([user], [{"prompt": "Why is the sky blue?", "answer": "Blue light scatters most."}], 0, languages).sample()
+    assert example.target == opening + body and example.answer == body
+    flags = edited_chars(example.answer, example.target)
+    assert all(flags[: len(opening) - 1]) and not any(flags[len(opening) + 1 :])
