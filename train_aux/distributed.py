@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .paths import enter_driver_cwd
 from .train import Shard, TrainConfig, train
 
 
@@ -56,8 +57,7 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    if Path(config["cwd"]).is_dir():  # relative paths (data, out) mean what they meant to the driver
-        os.chdir(config["cwd"])
+    enter_driver_cwd(config["cwd"])
     cfg = TrainConfig.model_validate(config["cfg"])
     if not cfg.threads:
         torch.set_num_threads(config["threads"])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from softthought.backbone import Backbone, load_backbone
+
+from .paths import enter_driver_cwd
 
 
 class InProcess:
@@ -53,8 +54,7 @@ class _Worker:
     def __init__(self, backbone: str | None, dtype: str, device: str, cwd: str, threads: int) -> None:
         import torch
 
-        if Path(cwd).is_dir():  # relative paths mean what they meant to the driver
-            os.chdir(cwd)
+        enter_driver_cwd(cwd)
         torch.set_num_threads(threads)
         self.backbone = load_backbone(backbone, dtype=dtype, device=device)
 
