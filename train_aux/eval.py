@@ -171,10 +171,12 @@ def fits(user: dict, item: dict) -> bool:
 
 
 def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[dict], n: int, max_new_tokens: int,
-                          seed: int, batch: int = 16) -> dict:
+                          seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None) -> dict:
     """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
     same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
-    preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only."""
+    preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only. `run`:
+    where the replies are generated (`eval_workers`; here by default)."""
+    run = run or InProcess(backbone)
     rng = random.Random(seed)
     items = ifeval_items("eval")
     rng.shuffle(items)
@@ -185,7 +187,6 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
             pairs.append((item, rng.choice(fitting)))
     pairs = pairs[:n]
     tok = backbone.tokenizer
-    engine = Engine(backbone, max_batch_size=batch)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     thoughts = dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
     report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval",
@@ -197,7 +198,7 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
         print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
                                        zip(item["instruction_id_list"], item["kwargs"])])
-                    for (item, _), r in zip(pairs, engine.generate(built, params))]
+                    for (item, _), r in zip(pairs, run.map(generate_replies, built, params, batch))]
         prompt_level = [int(all(o)) for o in outcomes]
         n_instructions = sum(map(len, outcomes))
         report[cond] = {"prompt_level_strict": sum(prompt_level) / len(pairs),
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--pairs-per-user", type=int, default=2)
     o.add_argument("--max-new-tokens", type=int, default=96)
     o.add_argument("--plot", help="PNG of the recovery curves")
-    for s in (p, g):
+    for s in (p, g, f):
         s.add_argument("--workers", type=int, help="shard the items over this many Ray workers, each with its own "
                                                    "backbone replica (train_aux.eval_workers); the figures do not "
                                                    "depend on how many")
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ifeval":
         if aux is None:
             ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
-        report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed)
+        report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed, run=run)
     elif args.command == "scoring-bench":
         report = scoring_bench(backbone, aux, users, args.tasks.split(","), args.n, args.seed)
     elif args.command == "personalization":

@@ -27,11 +27,13 @@ def test_two_workers_write_the_json_one_worker_writes(ray_cluster, tiny_dir, tin
               "--max-new-tokens", "8", "--workers", str(workers), "--json", str(out / "pers.json")])
         main(["general", *common, "--tasks", "piqa", "--n", "7", "--with-text", "--workers", str(workers),
               "--json", str(out / "gen.json")])
-        runs[workers] = {name: json.loads((out / f"{name}.json").read_text()) for name in ("pers", "gen")}
+        main(["ifeval", *common, "--n", "5", "--max-new-tokens", "6", "--workers", str(workers), "--json", str(out / "ifeval.json")])
+        runs[workers] = {name: json.loads((out / f"{name}.json").read_text()) for name in ("pers", "gen", "ifeval")}
     assert runs[1] == runs[2]
     pers, gen = runs[1]["pers"], runs[1]["gen"]
     assert pers["n_pairs"] == 8 and len(pers["soft"]["passed"]) == 8 and pers["samples"]
     assert len(gen["piqa"]["plain_loglik"]) == 7 and {"soft", "text"} <= set(gen["piqa"])
+    assert runs[1]["ifeval"]["n"] == 5 and len(runs[1]["ifeval"]["soft"]["passed"]) == 5
     # in this process, unsharded: the same replies and scores here (fp32, where batching does not move a token)
     main(["general", *common, "--tasks", "piqa", "--n", "7", "--with-text", "--json", str(tmp_path / "here.json")])
     assert json.loads((tmp_path / "here.json").read_text())["piqa"]["plain_loglik"] == gen["piqa"]["plain_loglik"]
