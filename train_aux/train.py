@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     # Where the edit brings in a keyword the answer lacks: a sentence after the answer, or one that opens the reply,
     # where a copied word is the next thing written.
     keywords_first: bool = False
+    # The share of examples drawn from users with a response language; None: as often as the users hold one (about
+    # 9 % of the broad data's), too rarely to move a reply's first token off English in a phase.
+    language_share: float | None = None
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -191,7 +194,7 @@ class Examples:
     when they have one (`language_answers`), else its plain answers."""
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
-                 keywords_first: bool = False) -> None:
+                 keywords_first: bool = False, language_share: float | None = None) -> None:
         # the backbone's own answers that loop (2 % of them) would teach the thoughts to loop: left out
         self.answers = [a for a in answers if not is_loop(a["answer"])]
         self.keywords_first = keywords_first
@@ -200,11 +203,18 @@ class Examples:
             if not is_loop(row["answer"]):
                 self.by_language.setdefault(row["language"], []).append(row)
         self.users = [u for u in users if (lang := _language(u)) is None or lang in self.by_language]
+        self.language_share = language_share
         self.rng = random.Random(seed)
+
+    def _user(self) -> dict:
+        if self.language_share is None:
+            return self.rng.choice(self.users)
+        speaks = self.rng.random() < self.language_share
+        return self.rng.choice([u for u in self.users if (_language(u) is not None) == speaks])
 
     def sample(self) -> Example:
         while True:
-            user = self.rng.choice(self.users)
+            user = self._user()
             lang = _language(user)
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
@@ -596,7 +606,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
-    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first)
+    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),

@@ -274,3 +274,18 @@ def test_an_answer_in_another_language_counts_its_opening_as_the_edit():
     assert example.target == opening + body and example.answer == body
     flags = edited_chars(example.answer, example.target)
     assert all(flags[: len(opening) - 1]) and not any(flags[len(opening) + 1 :])
+
+
+def test_examples_draw_language_users_at_the_share_asked():
+    from train_aux.train import Examples
+
+    speaks = {"user": "a", "summary": "Réponds en français.",
+              "checks": [{"instruction_id": "language:response_language", "kwargs": {"language": "fr"}}]}
+    plain = [{"user": f"b{i}", "summary": "Use no commas.", "checks": [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]}
+             for i in range(9)]
+    answers = [{"prompt": "Why?", "answer": "Because it is so."}]
+    languages = [{"prompt": "Why?", "language": "fr", "opening": "Bien sûr ! ", "answer": "Bien sûr ! Parce que c'est ainsi."}]
+    for share, low, high in ((None, 0.05, 0.16), (0.5, 0.42, 0.58)):
+        examples = Examples([speaks, *plain], answers, 0, languages, language_share=share)
+        drawn = sum(examples.sample().summary == speaks["summary"] for _ in range(400)) / 400
+        assert low < drawn < high, (share, drawn)
