@@ -305,7 +305,7 @@ def language_answers(answers: list[dict], backbone: str | None, prompts: int, sa
     rows = []
     for code in LANGUAGES:
         jobs = [(p, OPENINGS[code][(j + s) % len(OPENINGS[code])]) for j, p in enumerate(chosen) for s in range(samples)]
-        kept: dict[str, str] = {}
+        kept: dict[str, tuple[str, str]] = {}  # prompt -> (opening, what the backbone wrote after it)
         for i in tqdm(range(0, len(jobs), batch), desc=f"answers in {code}", unit="batch"):
             chunk = jobs[i : i + batch]
             built = [Prompt([build_chat_prompt(tok, [{"role": "system", "content": ANSWER_IN[code]}, {"role": "user", "content": p}])

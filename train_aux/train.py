@@ -31,7 +31,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     keywords_first: bool = False
     # The share of examples drawn from users with a response language; None: as often as the users hold one (about
     # 9 % of the broad data's), too rarely to move a reply's first token off English in a phase.
-    language_share: float | None = None
+    language_share: float | None = Field(None, gt=0, lt=1)
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -422,8 +422,7 @@ TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "unlikelih
 
 def term_weights(cfg: TrainConfig) -> dict[str, float]:
     return {"target": 1.0, "copy_pointer": cfg.copy_weight, "copy_gates": cfg.copy_weight, "probe": cfg.probe_weight,
-            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight,
-            "own": cfg.own_weight}
+            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight, "own": cfg.own_weight}
 
 
 def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, Term]]:

@@ -289,3 +289,5 @@ def test_examples_draw_language_users_at_the_share_asked():
         examples = Examples([speaks, *plain], answers, 0, languages, language_share=share)
         drawn = sum(examples.sample().summary == speaks["summary"] for _ in range(400)) / 400
         assert low < drawn < high, (share, drawn)
+    with pytest.raises(ValueError):  # one of the two pools would be empty
+        load_config(None, {"language_share": 1.0})
