@@ -204,13 +204,14 @@ class Examples:
                 self.by_language.setdefault(row["language"], []).append(row)
         self.users = [u for u in users if (lang := _language(u)) is None or lang in self.by_language]
         self.language_share = language_share
+        # users without and with a response language, drawn apart when language_share is set
+        self.pools = ([u for u in self.users if _language(u) is None], [u for u in self.users if _language(u) is not None])
         self.rng = random.Random(seed)
 
     def _user(self) -> dict:
         if self.language_share is None:
             return self.rng.choice(self.users)
-        speaks = self.rng.random() < self.language_share
-        return self.rng.choice([u for u in self.users if (_language(u) is not None) == speaks])
+        return self.rng.choice(self.pools[self.rng.random() < self.language_share])
 
     def sample(self) -> Example:
         while True:
