@@ -465,14 +465,15 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
         kl = preservation_loss(backbone, thoughts[preserved], [texts[i] for i in preserved], prefixes, placement)
         terms["preserve"] = Term(kl, len(preserved))
     if engine is not None and (rolled := [i for i in rows if i < cfg.rollout_batch]):
-        replies = rollouts(engine, [prompts[i] for i in rolled], cfg.rollout_tokens)
+        asked = [prompts[i] for i in rolled]
+        replies = rollouts(engine, asked, cfg.rollout_tokens)
         if cfg.rollout_weight > 0:
-            unlikely, tokens, repeats = unlikelihood_loss(backbone, [prompts[i] for i in rolled], [r.token_ids for r in replies])
+            unlikely, tokens, repeats = unlikelihood_loss(backbone, asked, [r.token_ids for r in replies])
             terms["unlikelihood"] = Term(unlikely, tokens)
             stats.update(rollout_tokens=tokens, rollout_repeats=repeats)
         if cfg.own_weight > 0 and (own := own_targets([batch[i] for i in rolled], [r.text for r in replies], cfg.keywords_first)):
             total, weights, _ = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
-                                            [prompts[rolled[j]] for j, _, _ in own], [t for _, _, t in own],
+                                            [asked[j] for j, _, _ in own], [t for _, _, t in own],
                                             cfg.max_target_tokens, [s for _, s, _ in own], cfg.edit_weight)
             terms["own"] = Term(total, weights)
             stats["own_targets"] = len(own)
