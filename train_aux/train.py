@@ -75,9 +75,15 @@ class TrainConfig(BaseModel):
     # lives in the few tokens the edit changed. Without weighting them up, training collapses every user onto
     # the same thoughts (pairwise cosine 0.997 across users after 400 steps).
     edit_weight: float = 1.0
-    # Weight of a multi-label probe (linear, training only) that must read the user's check ids off the mean
-    # thought: it keeps users' thoughts apart while the backbone learns to use them.
+    # Weight of a multi-label probe (training only) that must read the user's preferences (`probe_labels`) off the
+    # thoughts: it keeps users' thoughts apart while the backbone learns to use them.
     probe_weight: float = 0.0
+    # What the probe reads: the mean thought, linearly, or every thought through a small MLP, which asks only that
+    # the thoughts carry the preferences, not that their mean spell them out.
+    probe_reads: Literal["mean", "all"] = "mean"
+    # Summaries drawn from the training users each step for the probe alone (0: it reads the batch's own). The
+    # encoder learns to read a summary from thousands of them, more than the batches of generation show it.
+    probe_batch: int = Field(0, ge=0)
     # Weight of KL(plain backbone || backbone with the thoughts before the text) on plain text: that is how the
     # general-ability benchmarks are scored, and what strongly personalizing thoughts otherwise disturb.
     preserve_weight: float = 0.0
@@ -185,8 +191,36 @@ class Example:
     copy_strings: list[str] = field(default_factory=list)  # what the user asks for word for word (`copy_strings`)
 
     @property
-    def check_ids(self) -> list[str]:
-        return [c["instruction_id"] for c in self.checks]
+    def probe_labels(self) -> list[str]:
+        return probe_labels(self.checks)
+
+
+def probe_labels(checks: list[dict]) -> list[str]:
+    """What the probe reads off the thoughts: the checks' ids, and a response language's code (which one matters)."""
+    return [c["instruction_id"] for c in checks] + [f"language:{c['kwargs']['language']}" for c in checks
+                                                    if c["instruction_id"] == "language:response_language"]
+
+
+def make_probe(labels: list[str], aux: SoftThoughtAux, cfg: TrainConfig) -> torch.nn.Module:
+    d = aux.config.backbone_hidden
+    if cfg.probe_reads == "mean":
+        return torch.nn.Sequential(Mean(), torch.nn.Linear(d, len(labels)))
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(aux.config.total_thoughts * d, PROBE_HIDDEN),
+                               torch.nn.GELU(), torch.nn.Linear(PROBE_HIDDEN, len(labels)))
+
+
+PROBE_HIDDEN = 512
+
+
+class Mean(torch.nn.Module):
+    def forward(self, thoughts: torch.Tensor) -> torch.Tensor:
+        return thoughts.mean(1)
+
+
+def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list[dict]], labels: list[str]) -> Term:
+    """The probe's binary cross-entropy, summed over `labels` for each row of `thoughts` (users' `checks`)."""
+    target = torch.tensor([[float(x in probe_labels(c)) for x in labels] for c in checks], device=thoughts.device)
+    return Term(F.binary_cross_entropy_with_logits(probe(thoughts), target, reduction="sum"), target.numel())
 
 
 class Examples:
@@ -207,6 +241,11 @@ class Examples:
         # users without and with a response language, drawn apart when language_share is set
         self.pools = ([u for u in self.users if _language(u) is None], [u for u in self.users if _language(u) is not None])
         self.rng = random.Random(seed)
+        self.seed = seed
+
+    def probe_users(self, n: int, step: int) -> list[dict]:
+        """`n` users for the probe at `step`, drawn apart from the stream: the same on every worker and on resume."""
+        return random.Random(f"{self.seed}-probe-{step}").sample(self.users, n)
 
     def _user(self) -> dict:
         if self.language_share is None:
@@ -439,7 +478,7 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
 
 
 def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], rows: list[int], thoughts: torch.Tensor,
-                cfg: TrainConfig, probe: torch.nn.Linear | None = None, check_ids: list[str] | None = None,
+                cfg: TrainConfig, probe: torch.nn.Module | None = None, labels: list[str] | None = None,
                 texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
     """The student's loss terms over examples `rows` of the global `batch`, reading `thoughts` (`encode_batch`) instead
     of the summary text: the edited targets' cross-entropy, the probe's, the preservation KL on texts[i] for the rows
@@ -456,9 +495,7 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
     terms = {"target": Term(total, weights)}
     stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     if probe is not None:
-        labels = torch.tensor([[float(c in batch[i].check_ids) for c in check_ids] for i in rows], device=thoughts.device)
-        bce = F.binary_cross_entropy_with_logits(probe(thoughts[rows].mean(1)), labels, reduction="sum")
-        terms["probe"] = Term(bce, labels.numel())
+        terms["probe"] = probe_term(probe, thoughts[rows], [batch[i].checks for i in rows], labels)
     if preserved := [i for i in rows if texts and i < len(texts)]:
         prefixes = (tok([summary_before(batch[i].summary, "") for i in preserved], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
@@ -481,15 +518,16 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
 
 
 def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig, params: list[torch.Tensor],
-               shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Linear | None = None,
-               check_ids: list[str] | None = None, texts: list[list[int]] | None = None,
-               engine: Engine | None = None) -> dict[str, float]:
+               shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Module | None = None,
+               labels: list[str] | None = None, texts: list[list[int]] | None = None,
+               engine: Engine | None = None, probing: list[dict] | None = None) -> dict[str, float]:
     """Set the gradient of `params` (every worker's the same) to that of the loss of the global `batch`, this worker
     computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
     up with one all-reduce: the same gradient, to rounding, as one worker computing the whole batch at once. Returns
     the whole batch's loss, target tokens, rollout tokens and repeats, own targets, the seconds this worker waited
-    for the slowest one, and those it then spent in the all-reduces."""
+    for the slowest one, and those it then spent in the all-reduces. With `probing` (users), the probe reads their
+    summaries' thoughts instead of the batch's (every worker all of them, as the batch's thoughts)."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
@@ -497,14 +535,16 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     stats = {"target_tokens": 0, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     # on a GPU the aux model's fp32 master weights run in bf16 under autocast, beside the bf16 backbone
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        thoughts, copying = encode_batch(aux, batch, mine, cfg)
+        thoughts, once = encode_batch(aux, batch, mine, cfg)
+        if probe is not None and probing:
+            once["probe"] = probe_term(probe, aux.encode([u["summary"] for u in probing]), [u["checks"] for u in probing], labels)
     size = micro_batch or max(1, len(mine))
     for at in range(0, len(mine), size):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, probe, check_ids, texts,
-                                         engine)
+            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg,
+                                         None if probing else probe, labels, texts, engine)
         if at == 0:
-            terms.update(copying)
+            terms.update(once)
         for key, value in counted.items():
             stats[key] += value
         for name, term in terms.items():
@@ -601,9 +641,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     if cfg.thoughts_at:
         aux.config.thoughts_at = cfg.thoughts_at
     aux.to(backbone.device).train()  # fp32 master weights wherever the backbone is
-    # the probe reads the mean thought; it is part of training only and never saved with the checkpoint
-    check_ids = sorted({c["instruction_id"] for u in users for c in u["checks"]})
-    probe = torch.nn.Linear(backbone.hidden_size, len(check_ids)).to(backbone.device) if cfg.probe_weight > 0 else None
+    # the probe is part of training only and never saved with the checkpoint
+    labels = sorted({x for u in users for x in probe_labels(u["checks"])})
+    probe = make_probe(labels, aux, cfg).to(backbone.device) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
@@ -649,7 +689,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         batch = [examples.sample() for _ in range(cfg.batch_size)]
         preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts else None
         rollout = engine if engine is not None and step % cfg.rollout_every == 0 else None
-        figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, check_ids, preserve, rollout)
+        probing = examples.probe_users(cfg.probe_batch, step) if probe is not None and cfg.probe_batch else None
+        figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:

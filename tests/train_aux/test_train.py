@@ -12,9 +12,12 @@ from train_aux.train import (
     copy_terms,
     edited_chars,
     load_config,
+    make_probe,
     own_targets,
     preservation_loss,
     preservation_texts,
+    probe_labels,
+    probe_term,
     repeated_positions,
     reply_logprobs,
     rollouts,
@@ -27,8 +30,9 @@ from train_aux.train import (
 def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path, data_dir, tiny_dir, tiny):
     cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
                                  num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
-                                 probe_weight=0.5, preserve_weight=1.0, preserve_batch=2, preserve_tokens=16,
-                                 rollout_weight=1.0, own_weight=1.0, rollout_every=2, rollout_batch=2, rollout_tokens=12))
+                                 probe_weight=0.5, probe_reads="all", probe_batch=2, preserve_weight=1.0, preserve_batch=2,
+                                 preserve_tokens=16, rollout_weight=1.0, own_weight=1.0, rollout_every=2, rollout_batch=2,
+                                 rollout_tokens=12))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
@@ -291,3 +295,44 @@ def test_examples_draw_language_users_at_the_share_asked():
         assert low < drawn < high, (share, drawn)
     with pytest.raises(ValueError):  # one of the two pools would be empty
         load_config(None, {"language_share": 1.0})
+
+
+def test_probe_labels_name_the_response_language():
+    checks = [{"instruction_id": "punctuation:no_comma", "kwargs": {}},
+              {"instruction_id": "language:response_language", "kwargs": {"language": "de"}}]
+    assert probe_labels(checks) == ["punctuation:no_comma", "language:response_language", "language:de"]
+
+
+@pytest.mark.parametrize("reads", ["mean", "all"])
+def test_the_probe_reads_the_thoughts_and_its_gradient_reaches_the_encoder(tiny, reads):
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=3, encoder_training="lora").eval()
+    labels = ["language:fr", "punctuation:no_comma"]
+    probe = make_probe(labels, aux, load_config(None, {"probe_reads": reads}))
+    checks = [[{"instruction_id": "punctuation:no_comma", "kwargs": {}}],
+              [{"instruction_id": "language:response_language", "kwargs": {"language": "fr"}}]]
+    thoughts = aux.encode(["No commas, please.", "Réponds en français."])
+    term = probe_term(probe, thoughts, checks, labels)
+    assert term.count == 4
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(probe(thoughts), torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+                                                                    reduction="sum")
+    assert torch.allclose(term.total, expected)
+    term.total.backward()
+    lora = [p for n, p in aux.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None for p in lora) and aux.queries.grad.abs().sum() > 0
+    # the probe on every thought sees each one, the mean probe only their average
+    swapped = thoughts.clone()
+    swapped[:, [0, 1]] = thoughts[:, [1, 0]]
+    moved = not torch.allclose(probe(swapped), probe(thoughts), atol=1e-6)
+    assert moved == (reads == "all")
+
+
+def test_the_probes_own_users_are_drawn_apart_from_the_stream():
+    from train_aux.train import Examples
+
+    users = [{"user": f"u{i}", "summary": f"Use no commas {i}.", "checks": [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]}
+             for i in range(20)]
+    answers = [{"prompt": "Why?", "answer": "Because it is so."}]
+    one, two = Examples(users, answers, 3), Examples(users, answers, 3)
+    assert one.probe_users(5, 7) == two.probe_users(5, 7) != one.probe_users(5, 8)  # the same on resume and every worker
+    assert len({u["user"] for u in one.probe_users(5, 7)}) == 5
+    assert [one.sample().summary for _ in range(10)] == [two.sample().summary for _ in range(10)]  # the stream is untouched
