@@ -205,8 +205,10 @@ def make_probe(labels: list[str], aux: SoftThoughtAux, cfg: TrainConfig) -> torc
     d = aux.config.backbone_hidden
     if cfg.probe_reads == "mean":
         return torch.nn.Sequential(Mean(), torch.nn.Linear(d, len(labels)))
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(aux.config.total_thoughts * d, PROBE_HIDDEN),
-                               torch.nn.GELU(), torch.nn.Linear(PROBE_HIDDEN, len(labels)))
+    # normalized first: the thoughts' coordinates are small (their norm is the embeddings'), the MLP's init is not
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(aux.config.total_thoughts * d),
+                               torch.nn.Linear(aux.config.total_thoughts * d, PROBE_HIDDEN), torch.nn.GELU(),
+                               torch.nn.Linear(PROBE_HIDDEN, len(labels)))
 
 
 PROBE_HIDDEN = 512
@@ -526,8 +528,9 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
     up with one all-reduce: the same gradient, to rounding, as one worker computing the whole batch at once. Returns
     the whole batch's loss, target tokens, rollout tokens and repeats, own targets, the seconds this worker waited
-    for the slowest one, and those it then spent in the all-reduces. With `probing` (users), the probe reads their
-    summaries' thoughts instead of the batch's (every worker all of them, as the batch's thoughts)."""
+    for the slowest one, those it then spent in the all-reduces, and each term's mean (unweighted). With `probing`
+    (users), the probe reads their summaries' thoughts instead of the batch's (every worker all of them, as it does
+    the batch's)."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
@@ -576,7 +579,7 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         at += p.numel()
     stats = dict(zip(stats, figures[2 * n :].tolist()))
     return {"loss": sum(weights[name] * totals[name] / counts[name] for name in used), **stats, "allreduce_s": synced,
-            "wait_s": waited}
+            "wait_s": waited, "terms": {name: totals[name] / counts[name] for name in used}}
 
 
 def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig,
@@ -682,6 +685,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                               "global_batch": cfg.batch_size, "micro_batch": micro_batch, "workers": workers}) + "\n")
     engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 or cfg.own_weight > 0 else None
     t0, tokens, recent, repeats, owned, synced, waited = time.perf_counter(), 0, [], [], [], 0.0, 0.0
+    norms, terms = [], {}  # the gradient's norm before clipping, and each term's mean, over the steps since the last log
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train aux", unit="step", disable=not lead)
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
@@ -695,7 +699,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:
             owned.append(figures["own_targets"] / min(cfg.rollout_batch, cfg.batch_size))
-        torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)))
+        for name, value in figures["terms"].items():
+            terms.setdefault(name, []).append(value)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += figures["target_tokens"]
@@ -708,12 +714,14 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
             if log:
                 log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"],
                                       "elapsed_s": round(elapsed, 1), "target_tokens_per_s": round(tokens / elapsed, 1),
+                                      "grad_norm": round(sum(norms) / len(norms), 4),
+                                      "terms": {name: round(sum(v) / len(v), 4) for name, v in terms.items()},
                                       **({"allreduce_s": round(synced, 3), "wait_s": round(waited, 3)} if shard.size > 1 else {}),
                                       **({"rollout_repeats": round(sum(repeats) / len(repeats), 4)} if repeats else {}),
                                       # the share of rollouts an edit could turn into targets
                                       **({"own_targets": round(sum(owned) / len(owned), 4)} if owned else {})}) + "\n")
                 log.flush()
-            recent, repeats, owned = [], [], []
+            recent, repeats, owned, norms, terms = [], [], [], [], {}
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             saved = None
             if lead:

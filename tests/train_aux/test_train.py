@@ -38,6 +38,7 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     end = events[-1]
     assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
+    assert all(e["grad_norm"] > 0 and {"target", "probe", "preserve"} <= set(e["terms"]) for e in events if "loss" in e)
     assert [e["step"] for e in events if "rollout_repeats" in e] == [1, 3]  # rollouts every second step
     assert [e["step"] for e in events if "own_targets" in e] == [1, 3]
     aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
