@@ -247,7 +247,7 @@ class Examples:
 
     def probe_users(self, n: int, step: int) -> list[dict]:
         """`n` users for the probe at `step`, drawn apart from the stream: the same on every worker and on resume."""
-        return random.Random(f"{self.seed}-probe-{step}").sample(self.users, n)
+        return random.Random(f"{self.seed}-probe-{step}").sample(self.users, min(n, len(self.users)))
 
     def _user(self) -> dict:
         if self.language_share is None:

@@ -22,10 +22,12 @@ def _events(run) -> list[dict]:
 
 
 def _config(tmp_path, data_dir, tiny_dir, name, **more):
-    # every term: the edited targets, copy thoughts, the probe, the preservation KL (on the first 3 of 4 examples)
+    # every term: the edited targets, copy thoughts, the probe (on every thought of 2 summaries of its own), the
+    # preservation KL (on the first 3 of 4 examples)
     return load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / name),
                                   num_thoughts=4, copy_thoughts=2, steps=5, batch_size=4, log_every=1, save_every=5,
-                                  edit_weight=4.0, probe_weight=0.5, preserve_weight=1.0, preserve_batch=3,
+                                  edit_weight=4.0, probe_weight=0.5, probe_reads="all", probe_batch=2,
+                                  preserve_weight=1.0, preserve_batch=3,
                                   preserve_tokens=16, seed=3) | more)
 
 
