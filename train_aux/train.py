@@ -190,15 +190,19 @@ class Example:
     checks: list[dict]  # the user's checks, IFEval ids and kwargs
     copy_strings: list[str] = field(default_factory=list)  # what the user asks for word for word (`copy_strings`)
 
-    @property
-    def probe_labels(self) -> list[str]:
-        return probe_labels(self.checks)
-
 
 def probe_labels(checks: list[dict]) -> list[str]:
     """What the probe reads off the thoughts: the checks' ids, and a response language's code (which one matters)."""
     return [c["instruction_id"] for c in checks] + [f"language:{c['kwargs']['language']}" for c in checks
                                                     if c["instruction_id"] == "language:response_language"]
+
+
+PROBE_HIDDEN = 512
+
+
+class Mean(torch.nn.Module):
+    def forward(self, thoughts: torch.Tensor) -> torch.Tensor:
+        return thoughts.mean(1)
 
 
 def make_probe(labels: list[str], aux: SoftThoughtAux, cfg: TrainConfig) -> torch.nn.Module:
@@ -209,14 +213,6 @@ def make_probe(labels: list[str], aux: SoftThoughtAux, cfg: TrainConfig) -> torc
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LayerNorm(aux.config.total_thoughts * d),
                                torch.nn.Linear(aux.config.total_thoughts * d, PROBE_HIDDEN), torch.nn.GELU(),
                                torch.nn.Linear(PROBE_HIDDEN, len(labels)))
-
-
-PROBE_HIDDEN = 512
-
-
-class Mean(torch.nn.Module):
-    def forward(self, thoughts: torch.Tensor) -> torch.Tensor:
-        return thoughts.mean(1)
 
 
 def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list[dict]], labels: list[str]) -> Term:
