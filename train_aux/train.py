@@ -217,7 +217,8 @@ def make_probe(labels: list[str], aux: SoftThoughtAux, cfg: TrainConfig) -> torc
 
 def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list[dict]], labels: list[str]) -> Term:
     """The probe's binary cross-entropy, summed over `labels` for each row of `thoughts` (users' `checks`)."""
-    target = torch.tensor([[float(x in probe_labels(c)) for x in labels] for c in checks], device=thoughts.device)
+    held = [set(probe_labels(c)) for c in checks]
+    target = torch.tensor([[float(x in h) for x in labels] for h in held], device=thoughts.device)
     return Term(F.binary_cross_entropy_with_logits(probe(thoughts), target, reduction="sum"), target.numel())
 
 
@@ -476,10 +477,10 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
 
 
 def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], rows: list[int], thoughts: torch.Tensor,
-                cfg: TrainConfig, probe: torch.nn.Module | None = None, labels: list[str] | None = None,
-                texts: list[list[int]] | None = None, engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
+                cfg: TrainConfig, texts: list[list[int]] | None = None,
+                engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
     """The student's loss terms over examples `rows` of the global `batch`, reading `thoughts` (`encode_batch`) instead
-    of the summary text: the edited targets' cross-entropy, the probe's, the preservation KL on texts[i] for the rows
+    of the summary text: the edited targets' cross-entropy, the preservation KL on texts[i] for the rows
     i < len(texts), and with an `engine`, on its own greedy replies for the rows i < rollout_batch, the unlikelihood
     of their repeats and the cross-entropy of their edits (`own_targets`). Returns the terms and the counts the log
     reports (target tokens, rollout tokens and their repeats, own targets)."""
@@ -492,8 +493,6 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                                            [batch[i].answer for i in rows], cfg.edit_weight)
     terms = {"target": Term(total, weights)}
     stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
-    if probe is not None:
-        terms["probe"] = probe_term(probe, thoughts[rows], [batch[i].checks for i in rows], labels)
     if preserved := [i for i in rows if texts and i < len(texts)]:
         prefixes = (tok([summary_before(batch[i].summary, "") for i in preserved], add_special_tokens=False)["input_ids"]
                     if cfg.preserve_teacher == "text" else None)
@@ -537,11 +536,12 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         thoughts, once = encode_batch(aux, batch, mine, cfg)
         if probe is not None and probing:
             once["probe"] = probe_term(probe, aux.encode([u["summary"] for u in probing]), [u["checks"] for u in probing], labels)
+        elif probe is not None:
+            once["probe"] = probe_term(probe, thoughts[mine], [batch[i].checks for i in mine], labels)
     size = micro_batch or max(1, len(mine))
     for at in range(0, len(mine), size):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg,
-                                         None if probing else probe, labels, texts, engine)
+            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, texts, engine)
         if at == 0:
             terms.update(once)
         for key, value in counted.items():

@@ -63,9 +63,10 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
     phases = recorded_phases()
     assert [p["from_step"] for p in phases] == [0, 3, 5]
     # a further phase from the trained checkpoint's weights (fresh optimizer), the summary as the KL's teacher, the
-    # thoughts now read by the reply only; its steps count after the checkpoint's and resuming it keeps the count
-    init = cfg5.model_copy(update={"steps": 2, "init": str(final), "out": str(tmp_path / "more"),
-                                   "preserve_teacher": "text", "thoughts_seen_by": "reply"})
+    # thoughts now read by the reply only, the probe on the batch's mean thought; its steps count after the
+    # checkpoint's and resuming it keeps the count
+    init = cfg5.model_copy(update={"steps": 2, "init": str(final), "out": str(tmp_path / "more"), "preserve_teacher": "text",
+                                   "thoughts_seen_by": "reply", "probe_reads": "mean", "probe_batch": 0})
     more = train(init)
     assert SoftThoughtAux.from_pretrained(final, backbone=tiny).config.thoughts_seen_by == "all"
     meta = SoftThoughtAux.from_pretrained(more, backbone=tiny).config.metadata
