@@ -31,7 +31,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
@@ -84,6 +84,11 @@ class TrainConfig(BaseModel):
     # Summaries drawn from the training users each step for the probe alone (0: it reads the batch's own). The
     # encoder learns to read a summary from thousands of them, more than the batches of generation show it.
     probe_batch: int = Field(0, ge=0)
+    # Steps at the start that train the probe's term alone on those summaries, the backbone out of the loop and the
+    # gradient not clipped: the thoughts learn to tell users' preferences apart before generation asks them to be
+    # used (generation's gradient, clipped, otherwise divides the probe's pull by 5-9). The learning-rate schedule
+    # starts after them.
+    read_steps: int = Field(0, ge=0)
     # Weight of KL(plain backbone || backbone with the thoughts before the text) on plain text: that is how the
     # general-ability benchmarks are scored, and what strongly personalizing thoughts otherwise disturb.
     preserve_weight: float = 0.0
@@ -121,6 +126,14 @@ class TrainConfig(BaseModel):
     # Start from this auxiliary checkpoint's weights (a fresh optimizer and probe): a further phase on a trained
     # checkpoint. Its phases stay in the metadata and its steps are counted before this run's.
     init: str | None = None
+
+    @model_validator(mode="after")
+    def _reading_needs_the_probe(self) -> TrainConfig:
+        if self.read_steps and not (self.probe_weight > 0 and self.probe_batch > 0):
+            raise ValueError("read_steps trains the probe alone: it needs probe_weight > 0 and probe_batch > 0")
+        if self.read_steps >= self.steps:
+            raise ValueError("read_steps must leave steps for generation")
+        return self
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:
@@ -525,27 +538,14 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     the whole batch's loss, target tokens, rollout tokens and repeats, own targets, the seconds this worker waited
     for the slowest one, those it then spent in the all-reduces, and each term's mean (unweighted). With `probing`
     (users), the probe reads their summaries' thoughts instead of the batch's (every worker all of them, as it does
-    the batch's)."""
+    the batch's); with an empty `batch` (`read_steps`), that term is the only one."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
     totals, counts, weights = dict.fromkeys(TERMS, 0.0), dict.fromkeys(TERMS, 0.0), term_weights(cfg)
     stats = {"target_tokens": 0, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
-    # on a GPU the aux model's fp32 master weights run in bf16 under autocast, beside the bf16 backbone
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        thoughts, once = encode_batch(aux, batch, mine, cfg)
-        if probe is not None and probing:
-            once["probe"] = probe_term(probe, aux.encode([u["summary"] for u in probing]), [u["checks"] for u in probing], labels)
-        elif probe is not None:
-            once["probe"] = probe_term(probe, thoughts[mine], [batch[i].checks for i in mine], labels)
-    size = micro_batch or max(1, len(mine))
-    for at in range(0, len(mine), size):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, texts, engine)
-        if at == 0:
-            terms.update(once)
-        for key, value in counted.items():
-            stats[key] += value
+
+    def add(terms: dict[str, Term]) -> None:
         for name, term in terms.items():
             totals[name] += float(term.total.detach())
             counts[name] += term.count
@@ -554,6 +554,22 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
                 for acc, g in zip(sums[name], grads):
                     if g is not None:
                         acc += g
+
+    # on a GPU the aux model's fp32 master weights run in bf16 under autocast, beside the bf16 backbone
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        thoughts, once = encode_batch(aux, batch, mine, cfg) if batch else (None, {})
+        if probe is not None and probing:
+            once["probe"] = probe_term(probe, aux.encode([u["summary"] for u in probing]), [u["checks"] for u in probing], labels)
+        elif probe is not None:
+            once["probe"] = probe_term(probe, thoughts[mine], [batch[i].checks for i in mine], labels)
+    add(once)
+    size = micro_batch or max(1, len(mine))
+    for at in range(0, len(mine), size):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, texts, engine)
+        for key, value in counted.items():
+            stats[key] += value
+        add(terms)
     figures = torch.tensor([*totals.values(), *counts.values(), *stats.values()], dtype=torch.float64, device=dev)
     started = time.perf_counter()
     shard.wait()
@@ -594,9 +610,13 @@ def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig,
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Constant while reading (`read_steps`), then warm-up and a cosine to a tenth over generation's steps."""
+    if step < cfg.read_steps:
+        return 1.0
+    step -= cfg.read_steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.read_steps - cfg.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -686,16 +706,17 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             g["lr"] = base * lr_factor(step, cfg)
-        batch = [examples.sample() for _ in range(cfg.batch_size)]
-        preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts else None
-        rollout = engine if engine is not None and step % cfg.rollout_every == 0 else None
+        reading = step < cfg.read_steps  # the probe alone: no batch, no backbone
+        batch = [] if reading else [examples.sample() for _ in range(cfg.batch_size)]
+        preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts and not reading else None
+        rollout = engine if engine is not None and step % cfg.rollout_every == 0 and not reading else None
         probing = examples.probe_users(cfg.probe_batch, step) if probe is not None and cfg.probe_batch else None
         figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:
             owned.append(figures["own_targets"] / min(cfg.rollout_batch, cfg.batch_size))
-        norms.append(float(torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), cfg.grad_clip)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(aux.trainable_parameters()), math.inf if reading else cfg.grad_clip)))
         for name, value in figures["terms"].items():
             terms.setdefault(name, []).append(value)
         optimizer.step()

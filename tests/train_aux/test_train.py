@@ -299,6 +299,26 @@ def test_examples_draw_language_users_at_the_share_asked():
         load_config(None, {"language_share": 1.0})
 
 
+def test_read_steps_train_the_probe_alone_before_generation(tmp_path, data_dir, tiny_dir):
+    cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "run"),
+                                 num_thoughts=4, steps=4, read_steps=2, warmup_steps=4, batch_size=2, log_every=1,
+                                 probe_weight=1.0, probe_reads="all", probe_batch=3, rollout_weight=1.0, rollout_batch=2,
+                                 rollout_tokens=8))
+    train(cfg)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if "loss" in e]
+    # reading: the probe's term alone, at the full learning rate, no target tokens and no rollouts
+    assert [set(e["terms"]) for e in steps] == [{"probe"}, {"probe"}, {"probe", "target", "unlikelihood"}, {"probe", "target"}]
+    assert [e["target_tokens_per_s"] > 0 for e in steps] == [False, False, True, True]
+    assert all(e["grad_norm"] > 0 for e in steps)
+    # generation's warm-up starts after the reading
+    assert [e["lr"] for e in steps] == pytest.approx([cfg.lr, cfg.lr, cfg.lr / 4, cfg.lr / 2])
+    with pytest.raises(ValueError, match="probe_batch"):
+        load_config(None, {"read_steps": 2, "probe_weight": 1.0})
+    with pytest.raises(ValueError, match="leave steps"):
+        load_config(None, {"read_steps": 4, "steps": 4, "probe_weight": 1.0, "probe_batch": 2})
+
+
 def test_probe_labels_name_the_response_language():
     checks = [{"instruction_id": "punctuation:no_comma", "kwargs": {}},
               {"instruction_id": "language:response_language", "kwargs": {"language": "de"}}]
