@@ -31,6 +31,9 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] | None = ()
     ignore_eos: bool = False  # run to max_tokens (or a stop string) even past end-of-sequence, as vLLM's option
+    # Guidance on the thoughts (classifier-free guidance): logits = guide's + guidance * (prompt's - guide's), the
+    # guide being the prompt without its thoughts (`Prompt.guide`); 1 reads the thoughts as they are.
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -39,6 +42,8 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.guidance <= 10:
+            raise ValueError("guidance must be in [0, 10]")
         self.stop = tuple(s for s in (self.stop or ()) if s)
 
 
@@ -76,6 +81,9 @@ class _Sequence:
     emitted: int = 0  # characters of `text` already handed out
     position: int = 0  # position id of the next input token
     finish_reason: str | None = None
+    # guidance: the guide's sequence, run beside this one and fed the same tokens; `guides` points back from it
+    guided_by: _Sequence | None = None
+    guides: _Sequence | None = None
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -110,7 +118,7 @@ class Engine:
         self.backbone = backbone
         self.max_batch_size = max_batch_size
         self._embedding = backbone.model.get_input_embeddings()
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting: deque[list[_Sequence]] = deque()  # a request's sequences: its own, and its guide's
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -131,6 +139,10 @@ class Engine:
         if window and prompt.hidden_thoughts() and prompt.num_tokens > window:  # the prefill's own mask replaces the window
             raise ValueError(f"a prompt whose thoughts are read by the reply only cannot be longer than this backbone's "
                              f"sliding window of {window} positions (it has {prompt.num_tokens})")
+        guide = prompt.guide if params.guidance != 1 else None
+        if guide is not None and guide.num_tokens + params.max_tokens > self.backbone.max_context:
+            raise ValueError(f"the guide prompt ({guide.num_tokens} positions) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the backbone's context of {self.backbone.max_context}")
         request_id = request_id or f"req-{next(self._ids)}"
         generator = None
         if params.temperature > 0:
@@ -138,8 +150,12 @@ class Engine:
             generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
         seq = _Sequence(request_id, prompt, params, generator, IncrementalDetokenizer(self.backbone.tokenizer),
                         position=prompt.num_tokens)
+        group = [seq]
+        if guide is not None:
+            seq.guided_by = _Sequence(request_id, guide, params, None, seq.detokenize, position=guide.num_tokens, guides=seq)
+            group.append(seq.guided_by)
         with self._lock:
-            self._waiting.append(seq)
+            self._waiting.append(group)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -152,14 +168,16 @@ class Engine:
 
     def num_unfinished(self) -> int:
         """Requests waiting or running."""
-        return len(self.running) + len(self._waiting)
+        return sum(s.guides is None for s in self.running) + len(self._waiting)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         self._drop_aborted()
         with self._lock:
-            room = self.max_batch_size - len(self.running)
-            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            admitted = []  # a request and its guide join together (a batch of one admits a guided request alone)
+            while self._waiting and (not admitted and not self.running
+                                     or len(self.running) + len(admitted) + len(self._waiting[0]) <= self.max_batch_size):
+                admitted += self._waiting.popleft()
         if admitted:
             outputs = self._prefill(admitted)  # new requests first: time to first token stays short
         elif self.running:
@@ -212,7 +230,7 @@ class Engine:
         else:
             self._cache, self._mask = new_cache, mask
         self.running.extend(seqs)
-        return [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs))]
+        return self._advance_all(seqs, self._sample(logits, seqs))
 
     def _decode(self) -> list[StepOutput]:
         seqs = self.running
@@ -221,13 +239,19 @@ class Engine:
         positions = torch.tensor([[s.position - 1] for s in seqs], device=dev)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
         logits = self._forward(input_ids=ids, attention_mask=self._mask, position_ids=positions)
-        return [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs))]
+        return self._advance_all(seqs, self._sample(logits, seqs))
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        row = {id(s): i for i, s in enumerate(seqs)}
+        guided = [(i, row[id(s.guided_by)]) for i, s in enumerate(seqs) if s.guided_by is not None]
+        if guided:
+            own, guide = (torch.tensor(x, device=logits.device) for x in zip(*guided))
+            scale = torch.tensor([seqs[i].params.guidance for i, _ in guided], device=logits.device)[:, None]
+            logits[own] = logits[guide] + scale * (logits[own] - logits[guide])
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             p = s.params
-            if p.temperature == 0:
+            if p.temperature == 0 or s.guides is not None:
                 continue
             probs = F.softmax(logits[i] / p.temperature, dim=-1)
             if p.top_p < 1.0:
@@ -237,7 +261,21 @@ class Engine:
                 sorted_probs[outside] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+        for i, j in guided:  # the guide reads the reply being written
+            tokens[j] = tokens[i]
         return tokens
+
+    def _advance_all(self, seqs: list[_Sequence], tokens: list[int]) -> list[StepOutput]:
+        outputs = []
+        for s, token in zip(seqs, tokens):
+            if s.guides is not None:
+                s.generated.append(token)
+                s.position += 1
+            else:
+                outputs.append(self._advance(s, token))
+                if s.guided_by is not None:
+                    s.guided_by.finish_reason = s.finish_reason
+        return outputs
 
     def _advance(self, s: _Sequence, token: int) -> StepOutput:
         s.generated.append(token)
@@ -264,7 +302,7 @@ class Engine:
         with self._lock:
             if not self._aborted:
                 return
-            self._waiting = deque(s for s in self._waiting if s.request_id not in self._aborted)
+            self._waiting = deque(g for g in self._waiting if g[0].request_id not in self._aborted)
             for s in self.running:
                 if s.request_id in self._aborted:
                     s.finish_reason = "abort"

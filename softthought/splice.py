@@ -55,6 +55,9 @@ class Prompt:
 
     segments: list[Segment]
     reply_only: bool = False
+    # The same request without its thoughts (the plain backbone's prompt): with `SamplingParams.guidance`, the reply's
+    # next-token logits are this prompt's plus `guidance` times the difference the thoughts make.
+    guide: Prompt | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -117,6 +117,8 @@ class VllmEngine(ServingEngine):
         return {"prompt_token_ids": ids, "prompt_is_token_ids": is_token, "prompt_embeds": torch.cat(rows)}
 
     def _sampling(self, params: SamplingParams):
+        if params.guidance != 1:
+            raise ValueError("guidance on the thoughts needs engine 'hf' (it decodes a guide sequence beside each reply)")
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 

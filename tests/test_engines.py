@@ -158,3 +158,10 @@ def test_closing_the_reference_engine_ends_its_thread(tiny_dir):
     assert eng._thread.is_alive()
     eng.close()
     assert not eng._thread.is_alive()
+
+
+def test_the_vllm_engine_refuses_guidance_before_reaching_vllm():
+    from softthought.vllm_engine import VllmEngine
+
+    with pytest.raises(ValueError, match="engine 'hf'"):
+        VllmEngine.__new__(VllmEngine)._sampling(SamplingParams(guidance=2.0))

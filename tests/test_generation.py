@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,7 +149,8 @@ def test_prompt_longer_than_context_is_refused(tiny):
         Engine(tiny).add(prompt, SamplingParams(max_tokens=400))
 
 
-@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(guidance=-1),
+                                 dict(guidance=11)])
 def test_bad_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -236,3 +239,50 @@ def test_sliding_window_backbone_alone_batched_and_joining(sliding):
     while engine.has_work():
         results.update((o.request_id, o.result.token_ids) for o in engine.step() if o.finished)
     assert [results[first], results[second]] == alone
+
+
+def test_guidance_decodes_as_two_full_forwards_alone_batched_and_in_a_batch_of_one(tiny):
+    """Guided greedy: each token the argmax of plain + g * (with thoughts - plain), both fed the reply so far."""
+    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * tiny.embed_norm
+    table, chat = tiny.model.get_input_embeddings(), [{"role": "user", "content": "The quick brown fox jumps"}]
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=Placement(reply_only=True))
+    prompt.guide = build_chat_prompt(tiny.tokenizer, chat)
+
+    def last_logits(p, reply):
+        embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, p), table(torch.tensor(reply, dtype=torch.long))])])
+        attention = hiding_mask(mask, [p.hidden_thoughts()], embeds.dtype)
+        return tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1]
+
+    expected = []
+    with torch.no_grad():
+        for _ in range(10):
+            plain = last_logits(prompt.guide, expected)
+            expected.append(int((plain + 2.5 * (last_logits(prompt, expected) - plain)).argmax()))
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, guidance=2.5)
+    other = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}], th * 0.5)
+    assert Engine(tiny).generate([prompt], params)[0].token_ids == expected
+    engine = Engine(tiny, max_batch_size=3)  # the guided request waits until it and its guide fit together
+    results = engine.generate([other, other, prompt], params)
+    assert results[2].token_ids == expected and results[2].prompt_tokens == prompt.num_tokens
+    assert Engine(tiny, max_batch_size=1).generate([prompt], params)[0].token_ids == expected
+    plain = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    unguided = Engine(tiny).generate([prompt], plain)[0].token_ids
+    assert unguided != expected  # the guidance matters
+    assert Engine(tiny).generate([prompt], replace(plain, guidance=1))[0].token_ids == unguided  # 1 leaves the guide out
+
+
+def test_aborting_a_guided_request_drops_its_guide(tiny):
+    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(4)) * tiny.embed_norm
+    chat = [{"role": "user", "content": "Hello"}]
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th)
+    prompt.guide = build_chat_prompt(tiny.tokenizer, chat)
+    engine = Engine(tiny)
+    keep = engine.add(prompt, SamplingParams(max_tokens=6, temperature=0, guidance=2.0))
+    drop = engine.add(prompt, SamplingParams(max_tokens=50, temperature=0, guidance=2.0))
+    engine.step()
+    assert len(engine.running) == 4 and engine.num_unfinished() == 2
+    engine.abort(drop)
+    finished = []
+    while engine.has_work():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [keep] and engine.running == []

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,10 @@ def generate_replies(backbone: Backbone, prompts: list[Prompt], params: Sampling
 
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
-                    run: InProcess | RayWorkers | None = None) -> dict:
+                    run: InProcess | RayWorkers | None = None, guidance: float = 1.0) -> dict:
     """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
-    replies are generated (`eval_workers`; here by default)."""
+    replies are generated (`eval_workers`; here by default). `guidance`: the soft replies' guidance on the thoughts
+    (`SamplingParams.guidance`), the plain prompt guiding."""
     run = run or InProcess(backbone)
     rng = random.Random(seed)
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
@@ -81,7 +83,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
-                    "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed,
+                    "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed, "guidance": guidance,
                     "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs]}
     samples = []
     for cond in conditions:
@@ -94,8 +96,9 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
                 built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement))
+                built[-1].guide = build_chat_prompt(tok, user_msg)
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
-        results = run.map(generate_replies, built, params, batch)
+        results = run.map(generate_replies, built, replace(params, guidance=guidance) if cond == "soft" else params, batch)
         outcomes, per_id = [], defaultdict(list)
         for (u, p), r in zip(pairs, results):
             outcome = check_all(r.text, u["checks"])
@@ -498,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs-per-user", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--conditions", default=",".join(CONDITIONS))
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="soft replies: logits = plain + GUIDANCE * (with thoughts - plain); 1 reads the thoughts as they are")
     g = sub.add_parser("general")
     g.add_argument("--tasks", default="hellaswag,arc_easy,piqa")
     g.add_argument("--n", type=int, default=1000)
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
         prompts = [r["prompt"] for r in read_jsonl(args.prompts)]
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
-                                 conditions, run=run)
+                                 conditions, run=run, guidance=args.guidance)
     else:
         tasks = args.tasks.split(",")
         reference = json.loads(Path(args.paired_with).read_text()) if args.paired_with else None

@@ -5,9 +5,19 @@ import pytest
 import torch
 
 from softthought.aux_model import SoftThoughtAux
-from softthought.splice import OPENING, Placement
+from softthought.generation import SamplingParams
+from softthought.splice import OPENING, Placement, build_chat_prompt
 from train_aux.data import write_jsonl
-from train_aux.eval import against_plain, correctness, general, gold_margin_shift, load_task, paired_checks, personalization
+from train_aux.eval import (
+    against_plain,
+    correctness,
+    general,
+    generate_replies,
+    gold_margin_shift,
+    load_task,
+    paired_checks,
+    personalization,
+)
 from train_aux.users import make_users
 
 #: Thoughts opening the text, the same hidden from it, and after it.
@@ -277,3 +287,16 @@ def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny
         assert report[cond]["prompt_level_strict"] == sum(report[cond]["passed"]) / 6
     diff = sum(report["soft"]["passed"]) - sum(report["none"]["passed"])
     assert report["soft_minus_none"]["diff"] == pytest.approx(100 * diff / 6)
+
+
+def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
+    """logits = plain + 0 * (with thoughts - plain): the soft replies are then the plain prompt's, token for token."""
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    users = make_users(3, 5, "e", held_out_phrasing=True)
+    report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0,
+                             conditions=("soft",), guidance=0.0)
+    assert report["guidance"] == 0.0
+    plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
+    replies = generate_replies(tiny, plain, SamplingParams(max_tokens=6, temperature=0), 4)
+    assert [s["response"] for s in report["samples"]] == [r.text for r in replies]
