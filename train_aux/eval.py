@@ -244,30 +244,34 @@ def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[
 
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
-                   desc: str = "loglik", placement: Placement = OPENING) -> list[float]:
+                   desc: str = "loglik", placement: Placement = OPENING, guidance: float = 1.0) -> list[float]:
     """Sum of log p(continuation | context with the thoughts placed) for each (context ids, continuation ids,
     thoughts): the thoughts before the context, or after it (`placement.at_end`), where a chat prompt's end is.
-    `placement.reply_only`: the context, but its last position, does not see them (`Prompt.reply_only`)."""
+    `placement.reply_only`: the context, but its last position, does not see them (`Prompt.reply_only`).
+    `guidance`: the continuation's logits guided as generation guides them (`SamplingParams.guidance`), the same
+    text without the thoughts guiding."""
     table = backbone.model.get_input_embeddings()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     out = [0.0] * len(requests)
-    for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
-        idx = order[start : start + batch]
-        seqs, conts, prompts = [], [], []
-        for i in idx:
-            ctx, cont, thoughts = requests[i]
-            prompt = text_prompt(ctx, thoughts, placement)
-            seqs.append(embed_prompt(table, Prompt([*prompt.segments, cont])))
-            conts.append(cont)
-            prompts.append(prompt)
+
+    def continuation_logits(prompts: list[Prompt], conts: list[list[int]]) -> list[torch.Tensor]:
+        seqs = [embed_prompt(table, Prompt([*p.segments, cont])) for p, cont in zip(prompts, conts)]
         embeds, mask, positions = left_pad(seqs)
         length = embeds.shape[1]
         hidden = [p.hidden_thoughts(length - len(e)) for p, e in zip(prompts, seqs)]
         logits = backbone.model(inputs_embeds=embeds, attention_mask=hiding_mask(mask, hidden, embeds.dtype),
                                 position_ids=positions).logits
-        for row, (i, cont) in enumerate(zip(idx, conts)):
-            pred = logits[row, length - len(cont) - 1 : length - 1].float().log_softmax(-1)
-            out[i] = pred.gather(-1, torch.tensor(cont, device=pred.device)[:, None]).sum().item()
+        return [logits[row, length - len(cont) - 1 : length - 1].float() for row, cont in enumerate(conts)]
+
+    for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch]
+        conts = [requests[i][1] for i in idx]
+        logits = continuation_logits([text_prompt(requests[i][0], requests[i][2], placement) for i in idx], conts)
+        if guidance != 1:
+            plain = continuation_logits([text_prompt(requests[i][0], None) for i in idx], conts)
+            logits = [p + guidance * (x - p) for x, p in zip(logits, plain)]
+        for i, cont, x in zip(idx, conts, logits):
+            out[i] = x.log_softmax(-1).gather(-1, torch.tensor(cont, device=x.device)[:, None]).sum().item()
     return out
 
 
@@ -332,18 +336,21 @@ def scoring_name(shared_context: bool) -> str:
 
 
 def score_items(backbone: Backbone, pairs: list[tuple[dict, object]], desc: str, shared_context: bool = False,
-                placement: Placement = OPENING) -> list[list[float]]:
+                placement: Placement = OPENING, guidance: float = 1.0) -> list[list[float]]:
     """`score_task` on (item, prefix) pairs: what `general` hands its runner."""
-    return score_task(backbone, [item for item, _ in pairs], [prefix for _, prefix in pairs], desc, shared_context, placement)
+    return score_task(backbone, [item for item, _ in pairs], [prefix for _, prefix in pairs], desc, shared_context, placement,
+                      guidance)
 
 
 def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False,
-               placement: Placement = OPENING) -> list[list[float]]:
+               placement: Placement = OPENING, guidance: float = 1.0) -> list[list[float]]:
     """log p(choice | [prefix] + context) of each choice of each item, rounded to 4 decimals (as cached in reports).
     prefixes[i] goes before item i's context: None, soft thoughts [K, hidden], or a text summary (written out
     before the context, as a plain prompt would carry it). `shared_context` reads each context once for all its
     choices (`shared_context_loglikelihoods`); the default scores each choice on its own, as lm-eval does.
-    `placement`: where the thoughts go and who reads them (`loglikelihoods`)."""
+    `placement`: where the thoughts go and who reads them, `guidance` how they are read (`loglikelihoods`)."""
+    if shared_context and guidance != 1:
+        raise ValueError("guided scoring reads each choice on its own: drop shared_context")
     tok = backbone.tokenizer
     groups = []
     for item, prefix in zip(items, prefixes):
@@ -354,7 +361,7 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str,
         scores = shared_context_loglikelihoods(backbone, groups, desc=desc, placement=placement)
     else:
         flat = loglikelihoods(backbone, [(ctx, cont, th) for ctx, conts, th in groups for cont in conts], desc=desc,
-                              placement=placement)
+                              placement=placement, guidance=guidance)
         bounds = np.cumsum([0] + [len(conts) for _, conts, _ in groups])
         scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [[round(x, 4) for x in s] for s in scores]
@@ -425,7 +432,7 @@ def paired_backbones(reference: dict, other: dict, tasks: list[str], n: int, see
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0,
-            shared_context: bool = False, run: InProcess | RayWorkers | None = None) -> dict:
+            shared_context: bool = False, run: InProcess | RayWorkers | None = None, guidance: float = 1.0) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items, with the gold-margin shift
     of each condition against plain (`gold_margin_shift`). Item i is scored with users i, i+1, ...
@@ -433,7 +440,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     item (users_per_item=len(users) is the exact average over users). `plain_loglik` ({task: per-choice scores}
     from an earlier report of the same backbone, items and scoring) spares scoring the plain backbone again: it
     does not depend on the aux. `shared_context`: see `score_task`; recorded as `scoring`. `run`: where the items are
-    scored (`eval_workers`; here by default)."""
+    scored (`eval_workers`; here by default). `guidance`: the soft condition's, as its replies are guided."""
     run = run or InProcess(backbone)
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
@@ -443,7 +450,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     if with_text:
         conditions["text"] = [u["summary"] for u in users]
     report = {"n": n, "seed": seed, "skip": skip, "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint,
-              "scoring": scoring_name(shared_context)}
+              "scoring": scoring_name(shared_context), "guidance": guidance}
     if conditions:  # only a condition reads the users: the plain backbone alone (a fine-tuned copy) records none
         report.update(n_users=len(users), users_per_item=users_per_item)
     for task in tasks:
@@ -455,7 +462,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
         for name, per_user in conditions.items():
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = run.map(score_items, [(item, per_user[(i + r) % len(users)]) for r in rounds for i, item in enumerate(items)],
-                           f"{task}/{name}", shared_context, aux.placement if name == "soft" else OPENING)
+                           f"{task}/{name}", shared_context, *((aux.placement, guidance) if name == "soft" else (OPENING,)))
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
@@ -515,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--shared-context", action="store_true",
                    help="read each item's context once for all its choices: the same scores up to rounding, 2-3x faster "
                         "(see `scoring-bench`); the report scores each choice on its own, as lm-eval does")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="score the soft condition's choices guided, as `personalization --guidance` writes replies")
     g.add_argument("--paired-with", metavar="JSON",
                    help="an earlier `general` result on the same items (e.g. train_aux/results/general.json): this "
                         "backbone's plain scores are paired against its plain scores (for a fine-tuned copy)")
@@ -602,8 +611,11 @@ def main(argv: list[str] | None = None) -> None:
             # bf16 scores of one item differ between the two ways of batching it: pair like with like
             ap.error(f"--paired-with {args.paired_with}: scored {reference.get('scoring', PER_CHOICE)}, not "
                      f"{scoring_name(args.shared_context)} (add or drop --shared-context)")
+        if args.guidance != 1 and args.shared_context:
+            ap.error("--guidance scores each choice on its own: drop --shared-context")
         report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
-                         users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context, run=run)
+                         users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context, run=run,
+                         guidance=args.guidance)
         if reference:
             for t, compared in paired_backbones(reference, report, tasks, args.n, args.seed, args.skip).items():
                 report[t]["plain_vs_paired_with"] = compared

@@ -15,6 +15,7 @@ from train_aux.eval import (
     generate_replies,
     gold_margin_shift,
     load_task,
+    loglikelihoods,
     paired_checks,
     personalization,
 )
@@ -227,7 +228,6 @@ def test_shared_context_scores_are_the_per_choice_scores(tiny):
 def test_scoring_is_the_training_loss_of_the_same_text(tiny):
     """Eval's per-choice and training's cross-entropy place the thoughts and hide them from the same positions."""
     from softthought.splice import build_text_prompt
-    from train_aux.eval import loglikelihoods
     from train_aux.train import target_loss
 
     tok = tiny.tokenizer
@@ -300,3 +300,22 @@ def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
     plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
     replies = generate_replies(tiny, plain, SamplingParams(max_tokens=6, temperature=0), 4)
     assert [s["response"] for s in report["samples"]] == [r.text for r in replies]
+
+
+def test_guided_scoring_at_zero_is_the_plain_backbones_and_general_records_it(tiny):
+    tok = tiny.tokenizer
+    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(5)) * tiny.embed_norm
+    pairs = [(tok("The sky is")["input_ids"], tok(" blue")["input_ids"]), (tok("Two and two make")["input_ids"], tok(" four")["input_ids"])]
+    plain = loglikelihoods(tiny, [(ctx, cont, None) for ctx, cont in pairs])
+    read = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True))
+    zero = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True), guidance=0.0)
+    twice = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True), guidance=2.0)
+    assert zero == pytest.approx(plain, abs=1e-4) and read != pytest.approx(plain, abs=1e-4)
+    assert twice != pytest.approx(read, abs=1e-4)
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    users = make_users(3, 5, "e", held_out_phrasing=True)
+    report = general(tiny, aux, users, ["piqa"], 6, 0, guidance=0.0)
+    assert report["guidance"] == 0.0 and report["piqa"]["soft"] == report["piqa"]["plain"]
+    with pytest.raises(ValueError, match="shared_context"):
+        general(tiny, aux, users, ["piqa"], 6, 0, shared_context=True, guidance=2.0)
