@@ -96,7 +96,8 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
                 built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement))
-                built[-1].guide = build_chat_prompt(tok, user_msg)
+                if guidance != 1:  # the engine reads the guide only then
+                    built[-1].guide = build_chat_prompt(tok, user_msg)
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = run.map(generate_replies, built, replace(params, guidance=guidance) if cond == "soft" else params, batch)
         outcomes, per_id = [], defaultdict(list)
