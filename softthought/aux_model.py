@@ -69,6 +69,9 @@ class AuxConfig:
     max_summary_tokens: int = 256
     thoughts_seen_by: str = "all"  # all | reply
     thoughts_at: str = "system"  # system | end (then only the reply can read them: thoughts_seen_by is moot)
+    # How hard replies read the thoughts (`SamplingParams.guidance`, the plain prompt guiding): chosen by measuring the
+    # trained checkpoint, so it travels with it; 1 reads them as they are.
+    guidance: float = 1.0
     metadata: dict = field(default_factory=dict)  # training data hash, metrics, ...
 
     def validate(self) -> None:
@@ -89,6 +92,8 @@ class AuxConfig:
             raise CheckpointError(f"thoughts_seen_by must be one of {THOUGHTS_SEEN_BY}, got {self.thoughts_seen_by!r}")
         if self.thoughts_at not in THOUGHTS_AT:
             raise CheckpointError(f"thoughts_at must be one of {THOUGHTS_AT}, got {self.thoughts_at!r}")
+        if not 0 <= self.guidance <= 10:
+            raise CheckpointError(f"guidance must be in [0, 10], got {self.guidance}")
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
@@ -445,11 +450,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _version(weights: Path, config: AuxConfig) -> str:
     """sha256 of the weights, and of where and how the thoughts are read when that is not the original way: the same
-    weights read by the reply only, or placed elsewhere, make other replies, so they are another version (every
+    weights read by the reply only, placed elsewhere or guided make other replies, so they are another version (every
     earlier one is kept)."""
     h = hashlib.sha256(weights.read_bytes())
     if config.thoughts_seen_by != "all":
         h.update(f"thoughts_seen_by={config.thoughts_seen_by}".encode())
     if config.thoughts_at != "system":
         h.update(f"thoughts_at={config.thoughts_at}".encode())
+    if config.guidance != 1:
+        h.update(f"guidance={config.guidance}".encode())
     return h.hexdigest()[:12]

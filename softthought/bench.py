@@ -82,7 +82,7 @@ def _median(xs):
 def run_in_process(pipe: Pipeline, prompt, max_tokens: int) -> Timed:
     start = time.perf_counter()
     first = None
-    for out in pipe.engine.stream(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)):
+    for out in pipe.engine.stream(prompt, pipe.params(prompt, SamplingParams(max_tokens=max_tokens, temperature=0))):
         first = first or time.perf_counter()
         if out.finished:
             r = out.result
@@ -105,7 +105,7 @@ def prompt_cost(pipe: Pipeline, lengths=(60, 150, 300), repeats: int = 3, max_to
                 t0 = time.perf_counter()
                 thoughts = pipe.thoughts(summary + " " * r)  # distinct text defeats any cache
                 encode_s = time.perf_counter() - t0
-                personal = build_chat_prompt(tok, msgs, thoughts, placement=pipe.aux.placement)
+                personal = pipe.place(msgs, thoughts)
                 cold = run_in_process(pipe, personal, max_tokens)
                 rows["soft_cold"].append(Timed(cold.ttft_s + encode_s, cold.latency_s + encode_s, cold.prompt_tokens,
                                                cold.completion_tokens))

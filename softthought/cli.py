@@ -60,10 +60,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             model = SoftThoughtAux.from_pretrained(aux).eval()
             with torch.inference_mode():
                 thoughts, placement = model.encode([args.summary])[0], model.placement
+            params.guidance = model.config.guidance
         engine = loop.run_until_complete(start())
         if model is not None:
             model.config.check_backbone(engine.info()["fingerprint"], aux)
-        prompt = build_chat_prompt(engine.tokenizer, messages, thoughts, placement=placement)
+        prompt = build_chat_prompt(engine.tokenizer, messages, thoughts, placement=placement, guided=params.guidance != 1)
         engine.check(prompt)
     except (CheckpointError, PromptError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,7 +4,7 @@ benchmarks and evaluation. The server splits the same pieces across Ray Serve de
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,12 +47,24 @@ class Pipeline:
 
     def prompt(self, messages: Sequence[dict], summary: str | None = None) -> Prompt:
         """No summary: the plain chat prompt, exactly what the backbone alone would see."""
-        if not summary:
+        return self.place(messages, self.thoughts(summary) if summary else None)
+
+    def place(self, messages: Sequence[dict], thoughts: torch.Tensor | None) -> Prompt:
+        """The chat prompt with `thoughts`, if any, placed and guided as the checkpoint says (`AuxConfig`)."""
+        if thoughts is None:
             return build_chat_prompt(self.backbone.tokenizer, messages)
-        return build_chat_prompt(self.backbone.tokenizer, messages, self.thoughts(summary), placement=self.aux.placement)
+        return build_chat_prompt(self.backbone.tokenizer, messages, thoughts, placement=self.aux.placement,
+                                 guided=self.aux.config.guidance != 1)
+
+    def params(self, prompt: Prompt, params: SamplingParams | None = None) -> SamplingParams:
+        """`params` with the checkpoint's guidance for a prompt that reads thoughts, as the server applies it."""
+        params = params or SamplingParams()
+        return replace(params, guidance=self.aux.config.guidance) if prompt.num_thoughts else params
 
     def chat(self, messages: Sequence[dict], summary: str | None = None, params: SamplingParams | None = None) -> GenerationResult:
-        return self.engine.generate([self.prompt(messages, summary)], params or SamplingParams())[0]
+        prompt = self.prompt(messages, summary)
+        return self.engine.generate([prompt], self.params(prompt, params))[0]
 
     def stream(self, messages: Sequence[dict], summary: str | None = None, params: SamplingParams | None = None) -> Iterator[StepOutput]:
-        return self.engine.stream(self.prompt(messages, summary), params or SamplingParams())
+        prompt = self.prompt(messages, summary)
+        return self.engine.stream(prompt, self.params(prompt, params))

@@ -136,25 +136,33 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 
 def build_chat_prompt(
     tokenizer, messages: Sequence[dict], thoughts: torch.Tensor | None = None, add_generation_prompt: bool = True,
-    placement: Placement = OPENING,
+    placement: Placement = OPENING, guided: bool = False,
 ) -> Prompt:
     """Tokenized chat prompt; `thoughts` [K, hidden], if any, where `placement` puts them: after the whole prompt,
-    or where the marker was rendered."""
+    or where the marker was rendered. `guided`: with thoughts, the plain prompt rides along as its `guide`."""
     _check_messages(messages)
     if thoughts is None or placement.at_end:
         ids = _tokenize(tokenizer, _render(tokenizer, list(messages), add_generation_prompt))
-        return Prompt([ids] if thoughts is None else [ids, thoughts])
-    before, after = render_chat_with_marker(tokenizer, messages, add_generation_prompt).split(THOUGHT_MARKER)
-    return Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)], placement.reply_only)
+        prompt = Prompt([ids] if thoughts is None else [ids, thoughts])
+    else:
+        before, after = render_chat_with_marker(tokenizer, messages, add_generation_prompt).split(THOUGHT_MARKER)
+        prompt = Prompt([_tokenize(tokenizer, before), thoughts, _tokenize(tokenizer, after)], placement.reply_only)
+    if guided and thoughts is not None:
+        prompt.guide = build_chat_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return prompt
 
 
 def build_text_prompt(tokenizer, text: str, thoughts: torch.Tensor | None = None,
-                      placement: Placement = OPENING) -> Prompt:
+                      placement: Placement = OPENING, guided: bool = False) -> Prompt:
     """Raw completion prompt (no chat template); thoughts, if any, after the text (`placement.at_end`) or first,
-    after a BOS if the model uses one."""
+    after a BOS if the model uses one. `guided`: as `build_chat_prompt`'s."""
     if THOUGHT_MARKER in text:
         raise PromptError("prompt contains the reserved soft-thought marker")
-    return text_prompt(tokenizer(text, add_special_tokens=True)["input_ids"], thoughts, placement, tokenizer.bos_token_id)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    prompt = text_prompt(ids, thoughts, placement, tokenizer.bos_token_id)
+    if guided and thoughts is not None:
+        prompt.guide = Prompt([ids])
+    return prompt
 
 
 def text_prompt(ids: list[int], thoughts: torch.Tensor | None, placement: Placement = OPENING,

@@ -65,6 +65,8 @@ class VllmEngine(ServingEngine):
             raise ValueError("this checkpoint hides its thoughts from the prompt with an attention mask, which the "
                              "vLLM engine cannot apply: serve it with engine 'hf', or use a checkpoint with "
                              "thoughts_at: end")
+        if prompt.guide is not None:
+            raise ValueError("guidance on the thoughts needs engine 'hf' (it decodes a guide sequence beside each reply)")
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
                        stream: bool = True) -> AsyncIterator[dict]:
@@ -117,8 +119,6 @@ class VllmEngine(ServingEngine):
         return {"prompt_token_ids": ids, "prompt_is_token_ids": is_token, "prompt_embeds": torch.cat(rows)}
 
     def _sampling(self, params: SamplingParams):
-        if params.guidance != 1:
-            raise ValueError("guidance on the thoughts needs engine 'hf' (it decodes a guide sequence beside each reply)")
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 

@@ -30,6 +30,18 @@ def test_save_load_round_trip_is_exact(smollm, smollm_aux, aux_dir):
     assert config["backbone_hidden"] == 576 and config["encoder_hidden"] == 384
 
 
+def test_guidance_travels_with_the_checkpoint_and_makes_it_another_version(smollm, aux_dir, tmp_path):
+    import shutil
+
+    guided = tmp_path / "guided"
+    shutil.copytree(aux_dir, guided)
+    _edit_config(guided, guidance=2)  # an integer in hand-edited JSON is a float
+    loaded = SoftThoughtAux.from_pretrained(guided, backbone=smollm)
+    plain = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm)
+    assert loaded.config.guidance == 2 and plain.config.guidance == 1
+    assert loaded.version != plain.version  # the same weights guided write other replies
+
+
 def test_checkpoint_stores_only_what_is_trained(aux_dir, smollm_aux):
     from safetensors import safe_open
 
@@ -62,6 +74,8 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, num_heads=0), "must be positive"),
         (lambda d: _edit_config(d, copy_thoughts=True), "copy_thoughts must be of type int"),
         (lambda d: _edit_config(d, thought_norm="big"), "thought_norm must be of type float"),
+        (lambda d: _edit_config(d, guidance=11), r"guidance must be in \[0, 10\]"),
+        (lambda d: _edit_config(d, guidance="2"), "guidance must be of type float"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):

@@ -160,8 +160,10 @@ def test_closing_the_reference_engine_ends_its_thread(tiny_dir):
     assert not eng._thread.is_alive()
 
 
-def test_the_vllm_engine_refuses_guidance_before_reaching_vllm():
+def test_the_vllm_engine_refuses_guidance_before_reaching_vllm(tiny):
     from softthought.vllm_engine import VllmEngine
 
+    guided = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "hi"}], torch.zeros(2, tiny.hidden_size),
+                               placement=Placement(at_end=True), guided=True)
     with pytest.raises(ValueError, match="engine 'hf'"):
-        VllmEngine.__new__(VllmEngine)._sampling(SamplingParams(guidance=2.0))
+        VllmEngine.__new__(VllmEngine).check(guided)

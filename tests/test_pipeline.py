@@ -1,12 +1,13 @@
 """The shipped default auxiliary checkpoint, with the real embedded backbone: what the CLI and the server load when
 no --aux is given. Random-init auxiliary models cover the mechanics elsewhere; only this test notices a shipped
-checkpoint that loads but does not personalize."""
+checkpoint that loads but does not personalize. And the pipeline reads a checkpoint as its config says."""
 
 from pathlib import Path
 
 import pytest
 
-from softthought.generation import SamplingParams
+from softthought.aux_model import SoftThoughtAux
+from softthought.generation import Engine, SamplingParams
 from softthought.ifeval import check_all
 from softthought.pipeline import DEFAULT_AUX_DIR, Pipeline, default_aux_dir
 from train_aux.data import read_jsonl
@@ -40,3 +41,14 @@ def test_the_shipped_thoughts_personalize_users_never_seen_in_training(shipped):
     n_checks = sum(len(u["checks"]) for u in users)
     # the shipped thoughts pass 14 of these 32 checks, the plain backbone 1, random-init thoughts 1
     assert soft >= max(plain + 4, n_checks // 4), (plain, soft, n_checks)
+
+
+def test_a_summary_is_read_with_the_checkpoints_guidance(smollm, aux_dir):
+    aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm).eval()
+    pipe, chat = Pipeline(smollm, aux, Engine(smollm)), [{"role": "user", "content": "Name a fruit."}]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    plain, read = pipe.chat(chat, params=params).token_ids, pipe.chat(chat, "I like French.", params).token_ids
+    assert read != plain  # the thoughts change the reply
+    aux.config.guidance = 0.0  # none of the difference they make
+    assert pipe.chat(chat, "I like French.", params).token_ids == plain
+    assert params.guidance == 1  # the caller's params are left as they were

@@ -173,3 +173,15 @@ def test_thoughts_at_the_end_follow_the_plain_prompt_token_for_token(tiny, chat)
     assert p.hidden_thoughts() is None and p.num_tokens == len(plain.token_ids) + 3
     with pytest.raises(ValueError, match="reply only already"):
         Placement(at_end=True, reply_only=True)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("placement", [Placement(), Placement(reply_only=True), Placement(at_end=True)])
+def test_a_guided_prompt_carries_the_plain_prompt_as_its_guide(smollm, chat, placement):
+    tok, th = smollm.tokenizer, _thoughts(smollm, k=3)
+    build = (lambda t, **kw: build_chat_prompt(tok, MESSAGES, t, **kw)) if chat else \
+        (lambda t, **kw: build_text_prompt(tok, "The quick brown fox", t, **kw))
+    guided, plain = build(th, placement=placement, guided=True), build(None)
+    assert guided.guide.segments == plain.segments and guided.guide.num_thoughts == 0 and not guided.guide.reply_only
+    assert guided.segments == build(th, placement=placement).segments  # the prompt itself is unchanged
+    assert build(th, placement=placement).guide is None and build(None, guided=True).guide is None  # nothing to guide

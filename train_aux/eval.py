@@ -70,13 +70,19 @@ def generate_replies(backbone: Backbone, prompts: list[Prompt], params: Sampling
     return Engine(backbone, max_batch_size=batch).generate(prompts, params)
 
 
+def soft_guidance(aux: SoftThoughtAux | None, guidance: float | None) -> float:
+    """The guidance the soft condition is read with: `guidance` when given, else the checkpoint's own, as served."""
+    return 1.0 if aux is None else aux.config.guidance if guidance is None else guidance
+
+
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
-                    run: InProcess | RayWorkers | None = None, guidance: float = 1.0) -> dict:
+                    run: InProcess | RayWorkers | None = None, guidance: float | None = None) -> dict:
     """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
     replies are generated (`eval_workers`; here by default). `guidance`: the soft replies' guidance on the thoughts
-    (`SamplingParams.guidance`), the plain prompt guiding."""
+    (`SamplingParams.guidance`, the plain prompt guiding; `soft_guidance`)."""
     run = run or InProcess(backbone)
+    guidance = soft_guidance(aux, guidance)
     rng = random.Random(seed)
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
     thoughts = dict(zip((u["user"] for u in users), users_thoughts(aux, users))) if "soft" in conditions else {}
@@ -95,9 +101,8 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             elif cond == "text":
                 built.append(build_chat_prompt(tok, with_system_text(tok, user_msg, u["summary"])))
             else:
-                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement))
-                if guidance != 1:  # the engine reads the guide only then
-                    built[-1].guide = build_chat_prompt(tok, user_msg)
+                built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement,
+                                               guided=guidance != 1))
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = run.map(generate_replies, built, replace(params, guidance=guidance) if cond == "soft" else params, batch)
         outcomes, per_id = [], defaultdict(list)
@@ -175,12 +180,14 @@ def fits(user: dict, item: dict) -> bool:
 
 
 def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[dict], n: int, max_new_tokens: int,
-                          seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None) -> dict:
+                          seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None,
+                          guidance: float | None = None) -> dict:
     """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
     same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
     preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only. `run`:
-    where the replies are generated (`eval_workers`; here by default)."""
+    where the replies are generated (`eval_workers`; here by default); `guidance`: the soft replies' (`soft_guidance`)."""
     run = run or InProcess(backbone)
+    guidance = soft_guidance(aux, guidance)
     rng = random.Random(seed)
     items = ifeval_items("eval")
     rng.shuffle(items)
@@ -193,16 +200,19 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     thoughts = dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
-    report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval",
+    report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", "guidance": guidance,
                     "pairs": [[item["key"], u["user"]] for item, u in pairs]}
     for cond in ("none", "soft"):
         built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
-                                   thoughts[u["user"]] if cond == "soft" else None, placement=aux.placement)
+                                   thoughts[u["user"]] if cond == "soft" else None, placement=aux.placement,
+                                   guided=guidance != 1)
                  for item, u in pairs]
         print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
                                        zip(item["instruction_id_list"], item["kwargs"])])
-                    for (item, _), r in zip(pairs, run.map(generate_replies, built, params, batch))]
+                    for (item, _), r in zip(pairs, run.map(generate_replies, built,
+                                                            replace(params, guidance=guidance) if cond == "soft" else params,
+                                                            batch))]
         prompt_level = [int(all(o)) for o in outcomes]
         n_instructions = sum(map(len, outcomes))
         report[cond] = {"prompt_level_strict": sum(prompt_level) / len(pairs),
@@ -433,7 +443,7 @@ def paired_backbones(reference: dict, other: dict, tasks: list[str], n: int, see
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0,
-            shared_context: bool = False, run: InProcess | RayWorkers | None = None, guidance: float = 1.0) -> dict:
+            shared_context: bool = False, run: InProcess | RayWorkers | None = None, guidance: float | None = None) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items, with the gold-margin shift
     of each condition against plain (`gold_margin_shift`). Item i is scored with users i, i+1, ...
@@ -441,8 +451,10 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     item (users_per_item=len(users) is the exact average over users). `plain_loglik` ({task: per-choice scores}
     from an earlier report of the same backbone, items and scoring) spares scoring the plain backbone again: it
     does not depend on the aux. `shared_context`: see `score_task`; recorded as `scoring`. `run`: where the items are
-    scored (`eval_workers`; here by default). `guidance`: the soft condition's, as its replies are guided."""
+    scored (`eval_workers`; here by default). `guidance`: the soft condition's, as its replies are guided
+    (`soft_guidance`)."""
     run = run or InProcess(backbone)
+    guidance = soft_guidance(aux, guidance)
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     conditions = {}  # name -> each user's prefix
@@ -509,8 +521,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs-per-user", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--conditions", default=",".join(CONDITIONS))
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="soft replies: logits = plain + GUIDANCE * (with thoughts - plain); 1 reads the thoughts as they are")
     g = sub.add_parser("general")
     g.add_argument("--tasks", default="hellaswag,arc_easy,piqa")
     g.add_argument("--n", type=int, default=1000)
@@ -523,8 +533,6 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--shared-context", action="store_true",
                    help="read each item's context once for all its choices: the same scores up to rounding, 2-3x faster "
                         "(see `scoring-bench`); the report scores each choice on its own, as lm-eval does")
-    g.add_argument("--guidance", type=float, default=1.0,
-                   help="score the soft condition's choices guided, as `personalization --guidance` writes replies")
     g.add_argument("--paired-with", metavar="JSON",
                    help="an earlier `general` result on the same items (e.g. train_aux/results/general.json): this "
                         "backbone's plain scores are paired against its plain scores (for a fine-tuned copy)")
@@ -547,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--max-new-tokens", type=int, default=96)
     o.add_argument("--plot", help="PNG of the recovery curves")
     for s in (p, g, f):
+        s.add_argument("--guidance", type=float, help="the soft condition's guidance on the thoughts: logits = plain + "
+                                                      "GUIDANCE * (with thoughts - plain), replies and scored choices "
+                                                      "alike (default: the checkpoint's own `guidance`)")
         s.add_argument("--workers", type=int, help="shard the items over this many Ray workers, each with its own "
                                                    "backbone replica (train_aux.eval_workers); the figures do not "
                                                    "depend on how many")
@@ -593,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ifeval":
         if aux is None:
             ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
-        report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed, run=run)
+        report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed, run=run,
+                                       guidance=args.guidance)
     elif args.command == "scoring-bench":
         report = scoring_bench(backbone, aux, users, args.tasks.split(","), args.n, args.seed)
     elif args.command == "personalization":
@@ -612,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
             # bf16 scores of one item differ between the two ways of batching it: pair like with like
             ap.error(f"--paired-with {args.paired_with}: scored {reference.get('scoring', PER_CHOICE)}, not "
                      f"{scoring_name(args.shared_context)} (add or drop --shared-context)")
-        if args.guidance != 1 and args.shared_context:
+        if soft_guidance(aux, args.guidance) != 1 and args.shared_context:
             ap.error("--guidance scores each choice on its own: drop --shared-context")
         report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
                          users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context, run=run,

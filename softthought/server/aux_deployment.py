@@ -60,6 +60,7 @@ class AuxDeployment:
             "copy_thoughts": m.config.copy_thoughts if m else None,
             "thoughts_seen_by": m.config.thoughts_seen_by if m else None,
             "thoughts_at": m.config.thoughts_at if m else None,
+            "guidance": m.config.guidance if m else None,
             "cached": len(self.cache),
             "last_error": self.last_error,
         }
@@ -74,5 +75,5 @@ class AuxDeployment:
         if not hit:
             thoughts = await asyncio.to_thread(_encode, model, summary)
             self.cache.put(model.version, summary, thoughts)
-        return {"thoughts": thoughts, "placement": model.placement, "version": model.version, "cache_hit": hit,
-                "latency_s": time.perf_counter() - start}
+        return {"thoughts": thoughts, "placement": model.placement, "guidance": model.config.guidance,
+                "version": model.version, "cache_hit": hit, "latency_s": time.perf_counter() - start}

@@ -40,15 +40,18 @@ class BackboneDeployment:
             thoughts = None if thoughts is None else torch.from_numpy(np.asarray(thoughts))
             tok = self.engine.tokenizer
             placement = request.get("placement", OPENING)
+            guidance = request.get("guidance", 1.0)  # the checkpoint's: the plain prompt guides the reply
             # tokenized off the event loop: a long prompt must not hold up every other request's stream
             if request["kind"] == "chat":
-                prompt = await asyncio.to_thread(build_chat_prompt, tok, request["messages"], thoughts, placement=placement)
+                prompt = await asyncio.to_thread(build_chat_prompt, tok, request["messages"], thoughts,
+                                                 placement=placement, guided=guidance != 1)
             else:
-                prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts, placement=placement)
+                prompt = await asyncio.to_thread(build_text_prompt, tok, request["prompt"], thoughts,
+                                                 placement=placement, guided=guidance != 1)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
-            outputs = self.engine.generate(prompt, SamplingParams(**request["params"]), request["request_id"],
-                                           request.get("stream", True))
+            outputs = self.engine.generate(prompt, SamplingParams(**request["params"], guidance=guidance),
+                                           request["request_id"], request.get("stream", True))
             first = await anext(outputs)
         except (PromptError, ValueError) as exc:
             yield {"error": str(exc)}

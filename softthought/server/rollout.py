@@ -28,6 +28,10 @@ def load_checkpoint(path: str, backbone_info: dict) -> SoftThoughtAux:
         raise CheckpointError(f"{path} hides its thoughts from the prompt with an attention mask (thoughts_seen_by: "
                               "reply), which the vLLM engine cannot apply: use engine 'hf', or a checkpoint with "
                               "thoughts_at: end")
+    if model.config.guidance != 1 and backbone_info.get("engine") == "vllm":
+        raise CheckpointError(f"{path} reads its thoughts with guidance {model.config.guidance}, which decodes a guide "
+                              "sequence beside each reply: the vLLM engine cannot, use engine 'hf' (or set guidance "
+                              "to 1 in its config.json)")
     return model.eval()
 
 

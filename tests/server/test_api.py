@@ -28,8 +28,9 @@ def _in_process(smollm, aux_dir, messages, summary, max_tokens):
     if summary:
         with torch.no_grad():
             thoughts = aux.encode([summary])[0]
-    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, placement=aux.placement)
-    return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
+    guidance = aux.config.guidance if summary else 1.0
+    prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, placement=aux.placement, guided=guidance != 1)
+    return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, guidance=guidance))[0]
 
 
 def test_chat_completion_matches_in_process_generation(client, smollm, aux_dir):
@@ -77,20 +78,21 @@ def test_stored_preferences_select_the_users_thoughts(client, http, admin, smoll
     assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
 
 
-@pytest.mark.parametrize("field", [("thoughts_seen_by", "reply"), ("thoughts_at", "end")])
+@pytest.mark.parametrize("field", [("thoughts_seen_by", "reply"), ("thoughts_at", "end"), ("guidance", 2.0)])
 def test_a_checkpoint_placing_its_thoughts_otherwise_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir,
                                                                                         tmp_path, field):
-    """The same weights with the thoughts read by the reply only, or placed after the prompt, are another version,
-    and the server places and hides the thoughts exactly as the library does; vLLM, which has no per-request mask,
-    refuses the masked one and keeps serving the loaded one."""
+    """The same weights with the thoughts read by the reply only, placed after the prompt or guided are another
+    version, and the server places, hides and guides the thoughts exactly as the library does; vLLM, which has no
+    per-request mask and no guide sequence, refuses the masked and the guided ones and keeps serving the loaded one."""
     name, value = field
     reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
     config = json.loads((reply_dir / "config.json").read_text())
     (reply_dir / "config.json").write_text(json.dumps({**config, name: value}))
     summary, original = "Answer like a pirate, in capitals.", admin.get("/admin/aux").json()["version"]
     answer = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)})
-    if name == "thoughts_seen_by" and admin.get("/health").json()["backbone"]["engine"] == "vllm":
-        assert answer.status_code == 400 and "thoughts_at: end" in answer.json()["error"]["message"]
+    if name != "thoughts_at" and admin.get("/health").json()["backbone"]["engine"] == "vllm":
+        words = "thoughts_at: end" if name == "thoughts_seen_by" else "engine 'hf'"
+        assert answer.status_code == 400 and words in answer.json()["error"]["message"]
         assert admin.get("/admin/aux").json()["version"] == original
         return
     rolled = answer.json()

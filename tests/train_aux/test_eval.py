@@ -14,6 +14,7 @@ from train_aux.eval import (
     general,
     generate_replies,
     gold_margin_shift,
+    instruction_following,
     load_task,
     loglikelihoods,
     paired_checks,
@@ -273,7 +274,7 @@ def test_a_user_fits_an_ifeval_prompt_only_where_both_can_hold():
 
 
 def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny, tmp_path):
-    from train_aux.eval import fits, ifeval_items, instruction_following
+    from train_aux.eval import fits, ifeval_items
 
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
@@ -290,13 +291,17 @@ def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny
 
 
 def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
-    """logits = plain + 0 * (with thoughts - plain): the soft replies are then the plain prompt's, token for token."""
+    """logits = plain + 0 * (with thoughts - plain): the soft replies are then the plain prompt's, token for token.
+    The checkpoint's own guidance is the default, as the server reads it."""
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
+    aux.config.guidance = 0.0
     users = make_users(3, 5, "e", held_out_phrasing=True)
     report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0,
-                             conditions=("soft",), guidance=0.0)
+                             conditions=("soft",))
     assert report["guidance"] == 0.0
+    assert instruction_following(tiny, aux, users, n=2, max_new_tokens=4, seed=0)["guidance"] == 0.0
+    assert personalization(tiny, aux, users[:1], ["Hi."], 1, 2, 0, conditions=("soft",), guidance=1.5)["guidance"] == 1.5
     plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
     replies = generate_replies(tiny, plain, SamplingParams(max_tokens=6, temperature=0), 4)
     assert [s["response"] for s in report["samples"]] == [r.text for r in replies]
