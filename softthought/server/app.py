@@ -24,11 +24,13 @@ def backbone_options(config: ServerConfig) -> dict:
 
 
 def engine_for(config: ServerConfig) -> str:
-    """The configured engine; for "auto", not vLLM when the checkpoint hides its thoughts with a mask, which vLLM
-    cannot apply (the reference engine serves it as trained)."""
+    """The configured engine; for "auto", not vLLM when the checkpoint hides its thoughts with a mask or guides its
+    replies, which vLLM cannot (the reference engine serves it as measured)."""
     checkpoint = config.resolved_aux_checkpoint()
-    if config.engine == "auto" and checkpoint and read_config(Path(checkpoint)).placement.reply_only:
-        return "hf"
+    if config.engine == "auto" and checkpoint:
+        aux = read_config(Path(checkpoint))
+        if aux.placement.reply_only or aux.guidance != 1:
+            return "hf"
     return config.engine
 
 

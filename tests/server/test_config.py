@@ -40,7 +40,7 @@ def test_checkpoint_roots_are_absolute_and_include_the_configured_checkpoints_pa
     assert all(os.path.isabs(r) for r in roots)
 
 
-def test_auto_engine_keeps_a_masked_checkpoint_on_the_reference_engine(tmp_path):
+def test_auto_engine_keeps_a_masked_or_guided_checkpoint_on_the_reference_engine(tmp_path):
     import json
     import shutil
 
@@ -54,5 +54,8 @@ def test_auto_engine_keeps_a_masked_checkpoint_on_the_reference_engine(tmp_path)
     (end / "config.json").write_text(json.dumps({**config, "thoughts_at": "end"}))
     assert engine_for(ServerConfig(aux_checkpoint=str(masked))) == "hf"  # vLLM could not apply its mask
     assert engine_for(ServerConfig(aux_checkpoint=str(end))) == "auto"
+    guided = shutil.copytree(end, tmp_path / "guided")
+    (guided / "config.json").write_text(json.dumps({**config, "thoughts_at": "end", "guidance": 2.0}))
+    assert engine_for(ServerConfig(aux_checkpoint=str(guided))) == "hf"  # vLLM decodes no guide sequence
     assert engine_for(ServerConfig(aux_checkpoint=None)) == "auto"
     assert engine_for(ServerConfig(aux_checkpoint=str(masked), engine="vllm")) == "vllm"  # refused later, with a message
