@@ -58,6 +58,34 @@ def qa_texts(answers: list[dict]) -> list[str]:
     return [f"Question: {a['prompt']}\nAnswer: {first_sentence(a['answer'])}" for a in answers]
 
 
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval makes them: the whole string tokenized, the continuation what
+    follows the context's tokens."""
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def winogrande_choices() -> list[list[tuple[str, str]]]:
+    """Winogrande's items as (context, continuation) per option, as lm-eval scores them (the option fills the blank
+    in the context, the rest of the sentence is the continuation): for the choice term, not a benchmark here."""
+    return [[(ctx, " " + row["continuation"]) for ctx in row["context_options"]]
+            for row in read_jsonl(shared_data() / "winogrande" / "winogrande.jsonl")]
+
+
+def qa_choices(answers: list[dict], seed: int = 0, n: int = 4) -> list[list[tuple[str, str]]]:
+    """Multiple-choice items in the shape ARC and PIQA are scored in, from the training prompts: "Question: ...
+    \nAnswer:" and n short continuations, the first words of the backbone's own answer and of n - 1 others'."""
+    rng = random.Random(seed)
+    heads = [first_sentence(a["answer"]).split() for a in answers]
+    out = []
+    for i, a in enumerate(answers):
+        picks = [i, *rng.sample([j for j in range(len(answers)) if j != i], n - 1)]
+        context = f"Question: {a['prompt']}\nAnswer:"
+        out.append([(context, " " + " ".join(heads[j][: rng.randint(2, 12)])) for j in picks if heads[j]])
+    return [item for item in out if len(item) > 1]
+
+
 def reply_texts(answers: list[dict]) -> list[str]:
     """The same with the backbone's whole answer after "Answer:" (those that do not loop): under a KL on them the
     thoughts learn to leave a long continuation as the backbone writes it, the stretch where their replies loop."""

@@ -41,7 +41,7 @@ from softthought.splice import (
 )
 
 from .checks import is_loop
-from .data import read_jsonl, summary_before
+from .data import encode_pair, read_jsonl, summary_before
 from .eval_workers import InProcess, RayWorkers
 from .ifeval_phrasings import split_of
 from .paths import shared_data
@@ -246,13 +246,6 @@ def load_task(name: str, n: int, seed: int, skip: int = 0) -> list[dict]:
     return items[skip : skip + n]
 
 
-def _encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    # as lm-eval: tokenize the whole string and take the continuation as what follows the context's tokens
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx):]
-
-
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
                    desc: str = "loglik", placement: Placement = OPENING, guidance: float = 1.0) -> list[float]:
@@ -366,7 +359,7 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str,
     groups = []
     for item, prefix in zip(items, prefixes):
         context = summary_before(prefix, item["context"]) if isinstance(prefix, str) else item["context"]
-        pairs = [_encode_pair(tok, context, choice) for choice in item["choices"]]
+        pairs = [encode_pair(tok, context, choice) for choice in item["choices"]]
         groups.append((pairs[0][0], [cont for _, cont in pairs], prefix if isinstance(prefix, torch.Tensor) else None))
     if shared_context:
         scores = shared_context_loglikelihoods(backbone, groups, desc=desc, placement=placement)

@@ -40,7 +40,18 @@ from softthought.generation import Engine, GenerationResult, SamplingParams
 from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
-from .data import boolq_texts, edit_answer, qa_texts, read_jsonl, reply_texts, summary_before, whole_sentences
+from .data import (
+    boolq_texts,
+    edit_answer,
+    encode_pair,
+    qa_choices,
+    qa_texts,
+    read_jsonl,
+    reply_texts,
+    summary_before,
+    whole_sentences,
+    winogrande_choices,
+)
 
 
 class TrainConfig(BaseModel):
@@ -99,6 +110,16 @@ class TrainConfig(BaseModel):
     # Whose next-token distributions the thoughts are held to on that text: the plain backbone's, or those of the
     # backbone reading the same user's summary written before the text (the condition the thoughts stand in for).
     preserve_teacher: Literal["plain", "text"] = "plain"
+    # Weight of the choice term (`choice_loss`): how far the thoughts move one choice's per-byte log-likelihood
+    # against the others' on multiple-choice items, scored as the benchmarks score them. A KL on next-token
+    # distributions weighs tokens by the plain backbone's probability and barely sees the unlikely continuations a
+    # benchmark scores, where the thoughts' drift reshuffles near-ties.
+    choice_weight: float = 0.0
+    # Its items: Winogrande's, or "Question: ...\nAnswer:" items built from the training prompts (`qa_choices`).
+    choice_items: Literal["winogrande", "qa", "winogrande+qa"] = "winogrande+qa"
+    # The guidance the choice term reads the thoughts with: the one the checkpoint is served at.
+    choice_guidance: float = Field(1.0, ge=0, le=10)
+    choice_batch: int = 4
     # Which positions attend to the thoughts (the checkpoint's `thoughts_seen_by`): every later one, or only the
     # reply's, so that the prompt is read as without them. None keeps the --init/--resume checkpoint's (new: all).
     thoughts_seen_by: Literal["all", "reply"] | None = None
@@ -330,19 +351,26 @@ def edited_chars(source: str, target: str) -> list[bool]:
     return flags
 
 
-def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies: list[list[int]]) -> list[torch.Tensor]:
-    """The log-probability of each reply's tokens read after its prompt (teacher forced), one [len] tensor each."""
+def reply_logits(model, table: torch.nn.Module, prompts: list[Prompt], replies: list[list[int]]) -> list[torch.Tensor]:
+    """The logits that predict each reply's tokens read after its prompt (teacher forced), one [len, vocab] each."""
     dev = table.weight.device
     sequences = [torch.cat([embed_prompt(table, p), table(torch.tensor(ids, device=dev))]) for p, ids in zip(prompts, replies)]
     embeds, mask, positions = left_pad(sequences)
     length = mask.shape[1]
     attention = hiding_mask(mask, [p.hidden_thoughts(length - len(s)) for p, s in zip(prompts, sequences)], embeds.dtype)
     logits = model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits
-    out = []
-    for i, ids in enumerate(replies):  # left padding: each reply ends its row, and position t predicts token t+1
-        logp = F.log_softmax(logits[i, length - len(ids) - 1 : length - 1].float(), dim=-1)
-        out.append(logp.gather(1, torch.tensor(ids, device=dev)[:, None])[:, 0])
-    return out
+    # left padding: each reply ends its row, and position t predicts token t+1
+    return [logits[i, length - len(ids) - 1 : length - 1].float() for i, ids in enumerate(replies)]
+
+
+def token_logprobs(logits: list[torch.Tensor], replies: list[list[int]]) -> list[torch.Tensor]:
+    return [F.log_softmax(x, dim=-1).gather(1, torch.tensor(ids, device=x.device)[:, None])[:, 0]
+            for x, ids in zip(logits, replies)]
+
+
+def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies: list[list[int]]) -> list[torch.Tensor]:
+    """The log-probability of each reply's tokens read after its prompt (teacher forced), one [len] tensor each."""
+    return token_logprobs(reply_logits(model, table, prompts, replies), replies)
 
 
 def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
@@ -468,13 +496,42 @@ def preservation_loss(backbone: Backbone, thoughts: torch.Tensor, texts: list[tu
     return total
 
 
+def choice_items(tokenizer, raw: list[list[tuple[str, str]]]) -> list[list[tuple[list[int], list[int], int]]]:
+    """Each item's choices as (context ids, continuation ids, continuation bytes), tokenized as lm-eval does."""
+    return [[(*encode_pair(tokenizer, ctx, cont), len(cont.encode())) for ctx, cont in item] for item in raw]
+
+
+def choice_loss(backbone: Backbone, thoughts: torch.Tensor, items: list[list[tuple[list[int], list[int], int]]],
+                placement: Placement = OPENING, guidance: float = 1.0) -> torch.Tensor:
+    """The sum over items of the mean squared shift, centred over the item's choices, of each choice's per-byte
+    log-likelihood (what acc_norm ranks) when item i is read with thoughts[i] placed as `eval general` places them
+    and guided by `guidance` (logits = plain + guidance x (with thoughts - plain)). A shift every choice shares
+    changes no ranking and costs nothing; one that moves a choice against the others is what flips an answer."""
+    table = backbone.model.get_input_embeddings()
+    flat = [(i, ctx, cont, size) for i, item in enumerate(items) for ctx, cont, size in item]
+    conts = [cont for _, _, cont, _ in flat]
+    with torch.no_grad():
+        plain = reply_logits(backbone.model, table, [text_prompt(ctx, None) for _, ctx, _, _ in flat], conts)
+    read = reply_logits(backbone.model, table, [text_prompt(ctx, thoughts[i], placement) for i, ctx, _, _ in flat], conts)
+    guided = [p + guidance * (x - p) for x, p in zip(read, plain)]
+    shift = torch.stack([(g.sum() - p.sum()) / size for g, p, (_, _, _, size)
+                         in zip(token_logprobs(guided, conts), token_logprobs(plain, conts), flat)])
+    owner = torch.tensor([i for i, _, _, _ in flat], device=shift.device)
+    total = shift.new_zeros(())
+    for i in range(len(items)):
+        moved = shift[owner == i]
+        total = total + (moved - moved.mean()).pow(2).mean()
+    return total
+
+
 #: The loss's terms, in the order their sums and counts travel between workers.
-TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "unlikelihood", "own")
+TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "choice", "unlikelihood", "own")
 
 
 def term_weights(cfg: TrainConfig) -> dict[str, float]:
     return {"target": 1.0, "copy_pointer": cfg.copy_weight, "copy_gates": cfg.copy_weight, "probe": cfg.probe_weight,
-            "preserve": cfg.preserve_weight, "unlikelihood": cfg.rollout_weight, "own": cfg.own_weight}
+            "preserve": cfg.preserve_weight, "choice": cfg.choice_weight, "unlikelihood": cfg.rollout_weight,
+            "own": cfg.own_weight}
 
 
 def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, Term]]:
@@ -491,12 +548,13 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
 
 def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], rows: list[int], thoughts: torch.Tensor,
                 cfg: TrainConfig, texts: list[list[int]] | None = None,
-                engine: Engine | None = None) -> tuple[dict[str, Term], dict[str, int]]:
+                engine: Engine | None = None, choices: list | None = None) -> tuple[dict[str, Term], dict[str, int]]:
     """The student's loss terms over examples `rows` of the global `batch`, reading `thoughts` (`encode_batch`) instead
     of the summary text: the edited targets' cross-entropy, the preservation KL on texts[i] for the rows
-    i < len(texts), and with an `engine`, on its own greedy replies for the rows i < rollout_batch, the unlikelihood
-    of their repeats and the cross-entropy of their edits (`own_targets`). Returns the terms and the counts the log
-    reports (target tokens, rollout tokens and their repeats, own targets)."""
+    i < len(texts), the choice term on choices[i] for the rows i < len(choices), and with an `engine`, on its own
+    greedy replies for the rows i < rollout_batch, the unlikelihood of their repeats and the cross-entropy of their
+    edits (`own_targets`). Returns the terms and the counts the log reports (target tokens, rollout tokens and their
+    repeats, own targets)."""
     tok = backbone.tokenizer
     placement = aux.placement
     prompts = {i: build_chat_prompt(tok, [{"role": "user", "content": batch[i].prompt}], thoughts[i], placement=placement)
@@ -511,6 +569,9 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                     if cfg.preserve_teacher == "text" else None)
         kl = preservation_loss(backbone, thoughts[preserved], [texts[i] for i in preserved], prefixes, placement)
         terms["preserve"] = Term(kl, len(preserved))
+    if scored := [i for i in rows if choices and i < len(choices)]:
+        moved = choice_loss(backbone, thoughts[scored], [choices[i] for i in scored], placement, cfg.choice_guidance)
+        terms["choice"] = Term(moved, len(scored))
     if engine is not None and (rolled := [i for i in rows if i < cfg.rollout_batch]):
         asked = [prompts[i] for i in rolled]
         replies = rollouts(engine, asked, cfg.rollout_tokens)
@@ -530,7 +591,7 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
 def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig, params: list[torch.Tensor],
                shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Module | None = None,
                labels: list[str] | None = None, texts: list[list[int]] | None = None,
-               engine: Engine | None = None, probing: list[dict] | None = None) -> dict[str, float]:
+               engine: Engine | None = None, probing: list[dict] | None = None, choices: list | None = None) -> dict[str, float]:
     """Set the gradient of `params` (every worker's the same) to that of the loss of the global `batch`, this worker
     computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
@@ -566,7 +627,7 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     size = micro_batch or max(1, len(mine))
     for at in range(0, len(mine), size):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, texts, engine)
+            terms, counted = batch_terms(backbone, aux, batch, mine[at : at + size], thoughts, cfg, texts, engine, choices)
         for key, value in counted.items():
             stats[key] += value
         add(terms)
@@ -672,6 +733,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),
                *(reply_texts(answers) if "replies" in cfg.preserve_texts else [])]
         texts = preservation_texts(backbone.tokenizer, raw, cfg.preserve_tokens)
+    items = []
+    if cfg.choice_weight > 0:
+        items = choice_items(backbone.tokenizer, [*(winogrande_choices() if "winogrande" in cfg.choice_items else []),
+                                                  *(qa_choices(answers, cfg.seed) if "qa" in cfg.choice_items else [])])
     start = 0
     if state:
         if probe is not None:
@@ -709,9 +774,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         reading = step < cfg.read_steps  # the probe alone: no batch, no backbone
         batch = [] if reading else [examples.sample() for _ in range(cfg.batch_size)]
         preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts and not reading else None
+        choices = [examples.rng.choice(items) for _ in range(cfg.choice_batch)] if items and not reading else None
         rollout = engine if engine is not None and step % cfg.rollout_every == 0 and not reading else None
         probing = examples.probe_users(cfg.probe_batch, step) if probe is not None and cfg.probe_batch else None
-        figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing)
+        figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing,
+                             choices)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:

@@ -5,7 +5,7 @@ import pytest
 
 from softthought.ifeval import check_all
 from train_aux.checks import CHECK_IDS
-from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_texts, whole_sentences
+from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_choices, qa_texts, whole_sentences, winogrande_choices
 from train_aux.users import KINDS, STYLES, TRAINED, ZERO_SHOT, compatible, kind_of, make_users, phrasings
 
 ANSWER = ("The ocean is a vast body of salt water that covers most of the Earth, and it is home to countless "
@@ -81,6 +81,25 @@ def test_whole_sentences_and_prompt_pool():
 def test_qa_texts_have_the_multiple_choice_shape_and_the_backbones_first_sentence():
     texts = qa_texts([{"prompt": "Why is the sky blue?", "answer": "Light scatters. Blue scatters most."}])
     assert texts == ["Question: Why is the sky blue?\nAnswer: Light scatters."]
+
+
+def test_qa_choices_are_short_heads_of_the_backbones_answers_after_the_question():
+    answers = [{"prompt": f"Question {i}?", "answer": f"Answer{i} number is long enough to cut. More."} for i in range(10)]
+    items = qa_choices(answers, seed=3)
+    assert items == qa_choices(answers, seed=3) and len(items) == 10
+    for a, item in zip(answers, items):
+        assert len(item) == 4 and {ctx for ctx, _ in item} == {f"Question: {a['prompt']}\nAnswer:"}
+        assert first_sentence(a["answer"]).startswith(item[0][1].strip())  # the first choice is its own answer's head
+        assert all(cont.startswith(" ") and 2 <= len(cont.split()) <= 12 for _, cont in item)
+        assert len({cont.split()[0] for _, cont in item}) == 4  # three other answers' heads
+
+
+def test_winogrande_choices_fill_the_blank_and_share_the_continuation():
+    items = winogrande_choices()
+    assert len(items) > 1000
+    for item in items[:50]:
+        (a, cont), (b, cont_b) = item
+        assert a != b and cont == cont_b and cont.startswith(" ")
 
 
 def test_keywords_first_open_the_reply_and_still_satisfy_every_check():

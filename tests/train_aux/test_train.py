@@ -5,8 +5,11 @@ import torch
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.splice import Placement, build_text_prompt, embed_prompt, hiding_mask, left_pad
+from train_aux.eval import loglikelihoods
 from train_aux.train import (
     Example,
+    choice_items,
+    choice_loss,
     copy_strings,
     copy_targets,
     copy_terms,
@@ -32,13 +35,13 @@ def test_training_moves_only_the_aux_and_logs_the_unchanged_fingerprint(tmp_path
                                  num_thoughts=4, steps=3, batch_size=2, save_every=2, log_every=1, edit_weight=4.0,
                                  probe_weight=0.5, probe_reads="all", probe_batch=2, preserve_weight=1.0, preserve_batch=2,
                                  preserve_tokens=16, rollout_weight=1.0, own_weight=1.0, rollout_every=2, rollout_batch=2,
-                                 rollout_tokens=12))
+                                 rollout_tokens=12, choice_weight=1.0, choice_batch=2, choice_items="qa", choice_guidance=2.0))
     final = train(cfg)
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     end = events[-1]
     assert end["event"] == "end" and end["backbone_fingerprint_before"] == end["backbone_fingerprint_after"] == tiny.fingerprint
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
-    assert all(e["grad_norm"] > 0 and {"target", "probe", "preserve"} <= set(e["terms"]) for e in events if "loss" in e)
+    assert all(e["grad_norm"] > 0 and {"target", "probe", "preserve", "choice"} <= set(e["terms"]) for e in events if "loss" in e)
     assert [e["step"] for e in events if "rollout_repeats" in e] == [1, 3]  # rollouts every second step
     assert [e["step"] for e in events if "own_targets" in e] == [1, 3]
     aux = SoftThoughtAux.from_pretrained(final, backbone=tiny)  # strict: the training-only probe was not saved
@@ -212,6 +215,30 @@ def test_preservation_kl_runs_over_what_reads_the_thoughts(tiny, placement):
         every_position = preservation_loss(tiny, thoughts, texts)
     assert got.item() == pytest.approx(sum(expected).item(), rel=1e-4)
     assert every_position.item() != pytest.approx(got.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_choice_loss_is_the_centred_shift_in_what_acc_norm_ranks_as_eval_general_scores_it(tiny, guidance):
+    """The term's per-byte shifts are those of `eval general`'s scoring (thoughts placed and guided alike); a shift
+    every choice of an item shares costs nothing; only the thoughts get a gradient."""
+    placement = Placement(reply_only=True)
+    raw = [[("Question: why is the sea big?\nAnswer:", " water"), ("Question: why is the sea big?\nAnswer:", " the moon, mostly")],
+           [("The cat sat on Tom", " and purred."), ("The cat sat on the mat", " and purred."), ("Cats", " purr.")]]
+    items = choice_items(tiny.tokenizer, raw)
+    thoughts = torch.randn(2, 3, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    loss = choice_loss(tiny, thoughts, items, placement, guidance)
+    loss.backward()
+    assert thoughts.grad.abs().sum() > 0 and all(p.grad is None for p in tiny.model.parameters())
+    expected = 0.0
+    for item, th in zip(items, thoughts.detach()):
+        plain = loglikelihoods(tiny, [(ctx, cont, None) for ctx, cont, _ in item])
+        read = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont, _ in item], placement=placement, guidance=guidance)
+        shift = torch.tensor([(r - p) / size for r, p, (_, _, size) in zip(read, plain, item)])
+        expected += float((shift - shift.mean()).pow(2).mean())
+    assert loss.item() == pytest.approx(expected, rel=1e-3) and loss.item() > 0
+    assert choice_loss(tiny, thoughts, items, placement, 0.0).item() == pytest.approx(0.0, abs=1e-9)  # plain: no shift
+    same = choice_items(tiny.tokenizer, [[("The cat sat", " and purred.")] * 3])  # identical choices move together
+    assert choice_loss(tiny, thoughts[:1], same, placement, guidance).item() == pytest.approx(0.0, abs=1e-9)
 
 
 def test_copy_targets_are_the_tokens_that_spell_what_the_user_asks_for_in_order():
