@@ -516,12 +516,7 @@ def choice_loss(backbone: Backbone, thoughts: torch.Tensor, items: list[list[tup
     guided = [p + guidance * (x - p) for x, p in zip(read, plain)]
     shift = torch.stack([(g.sum() - p.sum()) / size for g, p, (_, _, _, size)
                          in zip(token_logprobs(guided, conts), token_logprobs(plain, conts), flat)])
-    owner = torch.tensor([i for i, _, _, _ in flat], device=shift.device)
-    total = shift.new_zeros(())
-    for i in range(len(items)):
-        moved = shift[owner == i]
-        total = total + (moved - moved.mean()).pow(2).mean()
-    return total
+    return sum((moved - moved.mean()).pow(2).mean() for moved in shift.split([len(item) for item in items]))
 
 
 #: The loss's terms, in the order their sums and counts travel between workers.
