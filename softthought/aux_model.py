@@ -72,6 +72,7 @@ class AuxConfig:
     # How hard replies read the thoughts (`SamplingParams.guidance`, the plain prompt guiding): chosen by measuring the
     # trained checkpoint, so it travels with it; 1 reads them as they are.
     guidance: float = 1.0
+    guidance_gate: float = 0.0  # nats: guide only where the thoughts move the next token (`SamplingParams.guidance_gate`)
     metadata: dict = field(default_factory=dict)  # training data hash, metrics, ...
 
     def validate(self) -> None:
@@ -94,6 +95,8 @@ class AuxConfig:
             raise CheckpointError(f"thoughts_at must be one of {THOUGHTS_AT}, got {self.thoughts_at!r}")
         if not 0 <= self.guidance <= 10:
             raise CheckpointError(f"guidance must be in [0, 10], got {self.guidance}")
+        if self.guidance_gate < 0:
+            raise CheckpointError(f"guidance_gate must be >= 0, got {self.guidance_gate}")
         if self.encoder_hidden % self.num_heads:
             raise CheckpointError(f"encoder_hidden {self.encoder_hidden} is not divisible by num_heads {self.num_heads}")
 
@@ -459,4 +462,6 @@ def _version(weights: Path, config: AuxConfig) -> str:
         h.update(f"thoughts_at={config.thoughts_at}".encode())
     if config.guidance != 1:
         h.update(f"guidance={config.guidance}".encode())
+    if config.guidance_gate:
+        h.update(f"guidance_gate={config.guidance_gate}".encode())
     return h.hexdigest()[:12]

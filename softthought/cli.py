@@ -60,7 +60,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             model = SoftThoughtAux.from_pretrained(aux).eval()
             with torch.inference_mode():
                 thoughts, placement = model.encode([args.summary])[0], model.placement
-            params.guidance = model.config.guidance
+            params.guidance, params.guidance_gate = model.config.guidance, model.config.guidance_gate
         engine = loop.run_until_complete(start())
         if model is not None:
             model.config.check_backbone(engine.info()["fingerprint"], aux)

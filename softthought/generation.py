@@ -34,6 +34,9 @@ class SamplingParams:
     # Guidance on the thoughts (classifier-free guidance): logits = guide's + guidance * (prompt's - guide's), the
     # guide being the prompt without its thoughts (`Prompt.guide`); 1 reads the thoughts as they are.
     guidance: float = 1.0
+    # Guidance only where the thoughts move the next token: a position whose unguided KL(prompt's || guide's) is at
+    # most this many nats takes the guide's logits (`guided_logits`); 0 guides every position.
+    guidance_gate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,7 +47,25 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 <= self.guidance <= 10:
             raise ValueError("guidance must be in [0, 10]")
+        if self.guidance_gate < 0:
+            raise ValueError("guidance_gate must be >= 0")
         self.stop = tuple(s for s in (self.stop or ()) if s)
+
+
+def guided_logits(read: torch.Tensor, plain: torch.Tensor, guidance: float | torch.Tensor = 1.0,
+                  gate: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Guided logits (`SamplingParams.guidance`, `guidance_gate`) from [..., vocab] logits with the thoughts and
+    without: plain + guidance * (read - plain) at positions where KL(read || plain) exceeds `gate`, plain elsewhere.
+    A greedy reply changes only where the thoughts move a token enough to change its argmax, while a scored
+    continuation sums every small shift: the gate keeps the first and drops the second. `guidance` and `gate` may be
+    per-row tensors of shape [rows, 1]."""
+    scale = torch.as_tensor(guidance, dtype=read.dtype, device=read.device)
+    gate = torch.as_tensor(gate, dtype=torch.float32, device=read.device)
+    if bool((gate > 0).any()):
+        lr, lp = read.float().log_softmax(-1), plain.float().log_softmax(-1)
+        kl = (lr.exp() * (lr - lp)).sum(-1, keepdim=True)
+        scale = torch.where((kl > gate) | (gate == 0), scale, torch.zeros_like(scale))
+    return plain + scale * (read - plain)
 
 
 @dataclass
@@ -247,7 +268,8 @@ class Engine:
         if guided:
             own, guide = (torch.tensor(x, device=logits.device) for x in zip(*guided))
             scale = torch.tensor([seqs[i].params.guidance for i, _ in guided], device=logits.device)[:, None]
-            logits[own] = logits[guide] + scale * (logits[own] - logits[guide])
+            gate = torch.tensor([seqs[i].params.guidance_gate for i, _ in guided], device=logits.device)[:, None]
+            logits[own] = guided_logits(logits[own], logits[guide], scale, gate)
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             p = s.params

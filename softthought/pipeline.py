@@ -59,7 +59,8 @@ class Pipeline:
     def params(self, prompt: Prompt, params: SamplingParams | None = None) -> SamplingParams:
         """`params` with the checkpoint's guidance for a prompt that reads thoughts, as the server applies it."""
         params = params or SamplingParams()
-        return replace(params, guidance=self.aux.config.guidance) if prompt.num_thoughts else params
+        config = self.aux.config
+        return replace(params, guidance=config.guidance, guidance_gate=config.guidance_gate) if prompt.num_thoughts else params
 
     def chat(self, messages: Sequence[dict], summary: str | None = None, params: SamplingParams | None = None) -> GenerationResult:
         prompt = self.prompt(messages, summary)

@@ -40,6 +40,10 @@ def test_guidance_travels_with_the_checkpoint_and_makes_it_another_version(smoll
     plain = SoftThoughtAux.from_pretrained(aux_dir, backbone=smollm)
     assert loaded.config.guidance == 2 and plain.config.guidance == 1
     assert loaded.version != plain.version  # the same weights guided write other replies
+    _edit_config(guided, guidance_gate=0.2)
+    gated = SoftThoughtAux.from_pretrained(guided, backbone=smollm)
+    assert gated.config.guidance_gate == 0.2 and plain.config.guidance_gate == 0
+    assert gated.version not in (loaded.version, plain.version)
 
 
 def test_checkpoint_stores_only_what_is_trained(aux_dir, smollm_aux):
@@ -76,6 +80,7 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, thought_norm="big"), "thought_norm must be of type float"),
         (lambda d: _edit_config(d, guidance=11), r"guidance must be in \[0, 10\]"),
         (lambda d: _edit_config(d, guidance="2"), "guidance must be of type float"),
+        (lambda d: _edit_config(d, guidance_gate=-0.5), "guidance_gate must be >= 0"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):

@@ -2,8 +2,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from softthought.generation import Engine, SamplingParams
+from softthought.generation import Engine, SamplingParams, guided_logits
 from softthought.splice import Placement, build_chat_prompt, embed_prompt, hiding_mask, left_pad
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -269,6 +270,51 @@ def test_guidance_decodes_as_two_full_forwards_alone_batched_and_in_a_batch_of_o
     unguided = Engine(tiny).generate([prompt], plain)[0].token_ids
     assert unguided != expected  # the guidance matters
     assert Engine(tiny).generate([prompt], replace(plain, guidance=1))[0].token_ids == unguided  # 1 leaves the guide out
+
+
+def test_gated_guidance_guides_only_positions_the_thoughts_move():
+    plain = torch.tensor([[2.0, 0.0, -1.0], [2.0, 0.0, -1.0]])
+    read = torch.tensor([[2.0, 0.1, -1.0], [0.0, 3.0, -1.0]])  # a nudge (KL ~0.006 nats), and a new argmax (~2.3)
+    guided = plain + 2.0 * (read - plain)
+    assert torch.equal(guided_logits(read, plain, 2.0), guided)
+    gated = guided_logits(read, plain, 2.0, 0.1)
+    assert torch.equal(gated[0], plain[0]) and torch.equal(gated[1], guided[1])
+    rows = guided_logits(read, plain, torch.tensor([[2.0], [3.0]]), torch.tensor([[0.0], [5.0]]))  # per request
+    assert torch.equal(rows[0], guided[0]) and torch.equal(rows[1], plain[1])
+
+
+def test_gated_guidance_decodes_as_the_gate_reads_each_position(tiny):
+    """Greedy with `guidance_gate`: each token the argmax of the guided logits where the thoughts' KL to the plain
+    prompt exceeds the gate, of the plain prompt's elsewhere; a gate past every KL gives the plain prompt's reply."""
+    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * tiny.embed_norm
+    table, chat = tiny.model.get_input_embeddings(), [{"role": "user", "content": "The quick brown fox jumps"}]
+    prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=Placement(reply_only=True))
+    prompt.guide = build_chat_prompt(tiny.tokenizer, chat)
+
+    def last_logits(p, reply):
+        embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, p), table(torch.tensor(reply, dtype=torch.long))])])
+        attention = hiding_mask(mask, [p.hidden_thoughts()], embeds.dtype)
+        return tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1].float()
+
+    def decode(gate):
+        tokens, kls = [], []
+        with torch.no_grad():
+            for _ in range(10):
+                plain, read = last_logits(prompt.guide, tokens), last_logits(prompt, tokens)
+                kls.append(float(F.kl_div(plain.log_softmax(-1), read.log_softmax(-1), log_target=True, reduction="sum")))
+                tokens.append(int(guided_logits(read, plain, 2.5, gate).argmax()))
+        return tokens, kls
+
+    ungated, kls = decode(0.0)
+    gate = sorted(kls)[len(kls) // 2]  # about half the positions guided
+    expected, _ = decode(gate)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, guidance=2.5, guidance_gate=gate)
+    assert Engine(tiny).generate([prompt], params)[0].token_ids == expected
+    assert expected != ungated
+    closed = Engine(tiny).generate([prompt], replace(params, guidance_gate=1e9))[0].token_ids
+    assert closed == Engine(tiny).generate([prompt.guide], replace(params, guidance=1))[0].token_ids
+    with pytest.raises(ValueError, match="guidance_gate"):
+        SamplingParams(guidance_gate=-0.1)
 
 
 def test_aborting_a_guided_request_drops_its_guide(tiny):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone
-from softthought.generation import Engine, SamplingParams
+from softthought.generation import Engine, SamplingParams, guided_logits
 from softthought.ifeval import check_all
 from softthought.splice import (
     OPENING,
@@ -70,26 +70,31 @@ def generate_replies(backbone: Backbone, prompts: list[Prompt], params: Sampling
     return Engine(backbone, max_batch_size=batch).generate(prompts, params)
 
 
-def soft_guidance(aux: SoftThoughtAux | None, guidance: float | None) -> float:
-    """The guidance the soft condition is read with: `guidance` when given, else the checkpoint's own, as served."""
-    return 1.0 if aux is None else aux.config.guidance if guidance is None else guidance
+def soft_reading(aux: SoftThoughtAux | None, guidance: float | None, gate: float | None) -> dict:
+    """How the soft condition reads its thoughts, as `SamplingParams` fields: `guidance` and `gate` when given, else
+    the checkpoint's own, as served."""
+    config = aux.config if aux is not None else None
+    return {"guidance": guidance if guidance is not None else config.guidance if config else 1.0,
+            "guidance_gate": gate if gate is not None else config.guidance_gate if config else 0.0}
 
 
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
-                    run: InProcess | RayWorkers | None = None, guidance: float | None = None) -> dict:
+                    run: InProcess | RayWorkers | None = None, guidance: float | None = None,
+                    guidance_gate: float | None = None) -> dict:
     """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
-    replies are generated (`eval_workers`; here by default). `guidance`: the soft replies' guidance on the thoughts
-    (`SamplingParams.guidance`, the plain prompt guiding; `soft_guidance`)."""
+    replies are generated (`eval_workers`; here by default). `guidance`, `guidance_gate`: the soft replies' reading
+    of the thoughts (`SamplingParams`, the plain prompt guiding; `soft_reading`)."""
     run = run or InProcess(backbone)
-    guidance = soft_guidance(aux, guidance)
+    reading = soft_reading(aux, guidance, guidance_gate)
+    guidance = reading["guidance"]
     rng = random.Random(seed)
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
     thoughts = dict(zip((u["user"] for u in users), users_thoughts(aux, users))) if "soft" in conditions else {}
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
-                    "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed, "guidance": guidance,
+                    "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed, **reading,
                     "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs]}
     samples = []
     for cond in conditions:
@@ -104,7 +109,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 built.append(build_chat_prompt(tok, user_msg, thoughts[u["user"]], placement=aux.placement,
                                                guided=guidance != 1))
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
-        results = run.map(generate_replies, built, replace(params, guidance=guidance) if cond == "soft" else params, batch)
+        results = run.map(generate_replies, built, replace(params, **reading) if cond == "soft" else params, batch)
         outcomes, per_id = [], defaultdict(list)
         for (u, p), r in zip(pairs, results):
             outcome = check_all(r.text, u["checks"])
@@ -181,13 +186,15 @@ def fits(user: dict, item: dict) -> bool:
 
 def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[dict], n: int, max_new_tokens: int,
                           seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None,
-                          guidance: float | None = None) -> dict:
+                          guidance: float | None = None, guidance_gate: float | None = None) -> dict:
     """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
     same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
     preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only. `run`:
-    where the replies are generated (`eval_workers`; here by default); `guidance`: the soft replies' (`soft_guidance`)."""
+    where the replies are generated (`eval_workers`; here by default); `guidance`, `guidance_gate`: the soft replies'
+    (`soft_reading`)."""
     run = run or InProcess(backbone)
-    guidance = soft_guidance(aux, guidance)
+    reading = soft_reading(aux, guidance, guidance_gate)
+    guidance = reading["guidance"]
     rng = random.Random(seed)
     items = ifeval_items("eval")
     rng.shuffle(items)
@@ -200,7 +207,7 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
     thoughts = dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
-    report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", "guidance": guidance,
+    report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", **reading,
                     "pairs": [[item["key"], u["user"]] for item, u in pairs]}
     for cond in ("none", "soft"):
         built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
@@ -211,7 +218,7 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
                                        zip(item["instruction_id_list"], item["kwargs"])])
                     for (item, _), r in zip(pairs, run.map(generate_replies, built,
-                                                            replace(params, guidance=guidance) if cond == "soft" else params,
+                                                            replace(params, **reading) if cond == "soft" else params,
                                                             batch))]
         prompt_level = [int(all(o)) for o in outcomes]
         n_instructions = sum(map(len, outcomes))
@@ -248,12 +255,13 @@ def load_task(name: str, n: int, seed: int, skip: int = 0) -> list[dict]:
 
 @torch.inference_mode()
 def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int], torch.Tensor | None]], batch: int = 32,
-                   desc: str = "loglik", placement: Placement = OPENING, guidance: float = 1.0) -> list[float]:
+                   desc: str = "loglik", placement: Placement = OPENING, guidance: float = 1.0,
+                   gate: float = 0.0) -> list[float]:
     """Sum of log p(continuation | context with the thoughts placed) for each (context ids, continuation ids,
     thoughts): the thoughts before the context, or after it (`placement.at_end`), where a chat prompt's end is.
     `placement.reply_only`: the context, but its last position, does not see them (`Prompt.reply_only`).
     `guidance`: the continuation's logits guided as generation guides them (`SamplingParams.guidance`), the same
-    text without the thoughts guiding."""
+    text without the thoughts guiding, only where they move the token by more than `gate` nats (`guided_logits`)."""
     table = backbone.model.get_input_embeddings()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     out = [0.0] * len(requests)
@@ -273,7 +281,7 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
         logits = continuation_logits([text_prompt(requests[i][0], requests[i][2], placement) for i in idx], conts)
         if guidance != 1:
             plain = continuation_logits([text_prompt(requests[i][0], None) for i in idx], conts)
-            logits = [p + guidance * (x - p) for x, p in zip(logits, plain)]
+            logits = [guided_logits(x, p, guidance, gate) for x, p in zip(logits, plain)]
         for i, cont, x in zip(idx, conts, logits):
             out[i] = x.log_softmax(-1).gather(-1, torch.tensor(cont, device=x.device)[:, None]).sum().item()
     return out
@@ -340,19 +348,19 @@ def scoring_name(shared_context: bool) -> str:
 
 
 def score_items(backbone: Backbone, pairs: list[tuple[dict, object]], desc: str, shared_context: bool = False,
-                placement: Placement = OPENING, guidance: float = 1.0) -> list[list[float]]:
+                placement: Placement = OPENING, guidance: float = 1.0, gate: float = 0.0) -> list[list[float]]:
     """`score_task` on (item, prefix) pairs: what `general` hands its runner."""
     return score_task(backbone, [item for item, _ in pairs], [prefix for _, prefix in pairs], desc, shared_context, placement,
-                      guidance)
+                      guidance, gate)
 
 
 def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str, shared_context: bool = False,
-               placement: Placement = OPENING, guidance: float = 1.0) -> list[list[float]]:
+               placement: Placement = OPENING, guidance: float = 1.0, gate: float = 0.0) -> list[list[float]]:
     """log p(choice | [prefix] + context) of each choice of each item, rounded to 4 decimals (as cached in reports).
     prefixes[i] goes before item i's context: None, soft thoughts [K, hidden], or a text summary (written out
     before the context, as a plain prompt would carry it). `shared_context` reads each context once for all its
     choices (`shared_context_loglikelihoods`); the default scores each choice on its own, as lm-eval does.
-    `placement`: where the thoughts go and who reads them, `guidance` how they are read (`loglikelihoods`)."""
+    `placement`: where the thoughts go and who reads them, `guidance` and `gate` how they are read (`loglikelihoods`)."""
     if shared_context and guidance != 1:
         raise ValueError("guided scoring reads each choice on its own: drop shared_context")
     tok = backbone.tokenizer
@@ -365,7 +373,7 @@ def score_task(backbone: Backbone, items: list[dict], prefixes: list, desc: str,
         scores = shared_context_loglikelihoods(backbone, groups, desc=desc, placement=placement)
     else:
         flat = loglikelihoods(backbone, [(ctx, cont, th) for ctx, conts, th in groups for cont in conts], desc=desc,
-                              placement=placement, guidance=guidance)
+                              placement=placement, guidance=guidance, gate=gate)
         bounds = np.cumsum([0] + [len(conts) for _, conts, _ in groups])
         scores = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [[round(x, 4) for x in s] for s in scores]
@@ -436,7 +444,8 @@ def paired_backbones(reference: dict, other: dict, tasks: list[str], n: int, see
 
 def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], tasks: list[str], n: int, seed: int,
             with_text: bool = False, plain_loglik: dict | None = None, users_per_item: int = 1, skip: int = 0,
-            shared_context: bool = False, run: InProcess | RayWorkers | None = None, guidance: float | None = None) -> dict:
+            shared_context: bool = False, run: InProcess | RayWorkers | None = None, guidance: float | None = None,
+            guidance_gate: float | None = None) -> dict:
     """acc / acc_norm of the plain backbone and, with `aux`, of the backbone reading users' soft thoughts; with
     `with_text`, also with the summary written as text. All paired on the same items, with the gold-margin shift
     of each condition against plain (`gold_margin_shift`). Item i is scored with users i, i+1, ...
@@ -444,10 +453,10 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     item (users_per_item=len(users) is the exact average over users). `plain_loglik` ({task: per-choice scores}
     from an earlier report of the same backbone, items and scoring) spares scoring the plain backbone again: it
     does not depend on the aux. `shared_context`: see `score_task`; recorded as `scoring`. `run`: where the items are
-    scored (`eval_workers`; here by default). `guidance`: the soft condition's, as its replies are guided
-    (`soft_guidance`)."""
+    scored (`eval_workers`; here by default). `guidance`, `guidance_gate`: the soft condition's, as its replies are
+    guided (`soft_reading`)."""
     run = run or InProcess(backbone)
-    guidance = soft_guidance(aux, guidance)
+    reading = soft_reading(aux, guidance, guidance_gate)
     if not 1 <= users_per_item <= max(1, len(users)):
         raise ValueError(f"users_per_item must be between 1 and the number of users ({len(users)})")
     conditions = {}  # name -> each user's prefix
@@ -456,7 +465,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
     if with_text:
         conditions["text"] = [u["summary"] for u in users]
     report = {"n": n, "seed": seed, "skip": skip, "conditions": list(conditions), "backbone_fingerprint": backbone.fingerprint,
-              "scoring": scoring_name(shared_context), "guidance": guidance}
+              "scoring": scoring_name(shared_context), **reading}
     if conditions:  # only a condition reads the users: the plain backbone alone (a fine-tuned copy) records none
         report.update(n_users=len(users), users_per_item=users_per_item)
     for task in tasks:
@@ -468,7 +477,8 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
         for name, per_user in conditions.items():
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = run.map(score_items, [(item, per_user[(i + r) % len(users)]) for r in rounds for i, item in enumerate(items)],
-                           f"{task}/{name}", shared_context, *((aux.placement, guidance) if name == "soft" else (OPENING,)))
+                           f"{task}/{name}", shared_context,
+                           *((aux.placement, *reading.values()) if name == "soft" else (OPENING,)))
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
@@ -551,6 +561,9 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--guidance", type=float, help="the soft condition's guidance on the thoughts: logits = plain + "
                                                       "GUIDANCE * (with thoughts - plain), replies and scored choices "
                                                       "alike (default: the checkpoint's own `guidance`)")
+        s.add_argument("--guidance-gate", type=float, help="guide only positions where the thoughts' KL to the plain "
+                                                           "prompt exceeds this many nats (default: the checkpoint's "
+                                                           "own `guidance_gate`)")
         s.add_argument("--workers", type=int, help="shard the items over this many Ray workers, each with its own "
                                                    "backbone replica (train_aux.eval_workers); the figures do not "
                                                    "depend on how many")
@@ -598,14 +611,14 @@ def main(argv: list[str] | None = None) -> None:
         if aux is None:
             ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
         report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed, run=run,
-                                       guidance=args.guidance)
+                                       guidance=args.guidance, guidance_gate=args.guidance_gate)
     elif args.command == "scoring-bench":
         report = scoring_bench(backbone, aux, users, args.tasks.split(","), args.n, args.seed)
     elif args.command == "personalization":
         conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
         prompts = [r["prompt"] for r in read_jsonl(args.prompts)]
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
-                                 conditions, run=run, guidance=args.guidance)
+                                 conditions, run=run, guidance=args.guidance, guidance_gate=args.guidance_gate)
     else:
         tasks = args.tasks.split(",")
         reference = json.loads(Path(args.paired_with).read_text()) if args.paired_with else None
@@ -617,11 +630,11 @@ def main(argv: list[str] | None = None) -> None:
             # bf16 scores of one item differ between the two ways of batching it: pair like with like
             ap.error(f"--paired-with {args.paired_with}: scored {reference.get('scoring', PER_CHOICE)}, not "
                      f"{scoring_name(args.shared_context)} (add or drop --shared-context)")
-        if soft_guidance(aux, args.guidance) != 1 and args.shared_context:
+        if soft_reading(aux, args.guidance, args.guidance_gate)["guidance"] != 1 and args.shared_context:
             ap.error("--guidance scores each choice on its own: drop --shared-context")
         report = general(backbone, aux, users[: args.max_users], tasks, args.n, args.seed, args.with_text,
                          users_per_item=args.users_per_item, skip=args.skip, shared_context=args.shared_context, run=run,
-                         guidance=args.guidance)
+                         guidance=args.guidance, guidance_gate=args.guidance_gate)
         if reference:
             for t, compared in paired_backbones(reference, report, tasks, args.n, args.seed, args.skip).items():
                 report[t]["plain_vs_paired_with"] = compared

@@ -80,7 +80,8 @@ def phrase_for(catalogue: list[Atom], backbone: Backbone, aux: SoftThoughtAux, p
     built = [build_chat_prompt(tok, [{"role": "user", "content": p}], thoughts[text], placement=aux.placement,
                                guided=guidance != 1) for _, text, p in jobs]
     print(f"phrasing {len(catalogue)} preferences: {len(jobs)} replies", flush=True)
-    replies = Engine(backbone).generate(built, SamplingParams(max_tokens=max_new_tokens, temperature=0, guidance=guidance))
+    replies = Engine(backbone).generate(built, SamplingParams(max_tokens=max_new_tokens, temperature=0, guidance=guidance,
+                                                              guidance_gate=aux.config.guidance_gate))
     passed: dict[tuple[str, str], int] = {}
     for (a, text, _), r in zip(jobs, replies):
         passed[a.id, text] = passed.get((a.id, text), 0) + check(r.text, a.instruction_id, a.kwargs)

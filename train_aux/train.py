@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
-from softthought.generation import Engine, GenerationResult, SamplingParams
+from softthought.generation import Engine, GenerationResult, SamplingParams, guided_logits
 from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
@@ -513,7 +513,7 @@ def choice_loss(backbone: Backbone, thoughts: torch.Tensor, items: list[list[tup
     with torch.no_grad():
         plain = reply_logits(backbone.model, table, [text_prompt(ctx, None) for _, ctx, _, _ in flat], conts)
     read = reply_logits(backbone.model, table, [text_prompt(ctx, thoughts[i], placement) for i, ctx, _, _ in flat], conts)
-    guided = [p + guidance * (x - p) for x, p in zip(read, plain)]
+    guided = [guided_logits(x, p, guidance) for x, p in zip(read, plain)]
     shift = torch.stack([(g.sum() - p.sum()) / size for g, p, (_, _, _, size)
                          in zip(token_logprobs(guided, conts), token_logprobs(plain, conts), flat)])
     return sum((moved - moved.mean()).pow(2).mean() for moved in shift.split([len(item) for item in items]))

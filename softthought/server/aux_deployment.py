@@ -61,6 +61,7 @@ class AuxDeployment:
             "thoughts_seen_by": m.config.thoughts_seen_by if m else None,
             "thoughts_at": m.config.thoughts_at if m else None,
             "guidance": m.config.guidance if m else None,
+            "guidance_gate": m.config.guidance_gate if m else None,
             "cached": len(self.cache),
             "last_error": self.last_error,
         }
@@ -76,4 +77,5 @@ class AuxDeployment:
             thoughts = await asyncio.to_thread(_encode, model, summary)
             self.cache.put(model.version, summary, thoughts)
         return {"thoughts": thoughts, "placement": model.placement, "guidance": model.config.guidance,
+                "guidance_gate": model.config.guidance_gate,
                 "version": model.version, "cache_hit": hit, "latency_s": time.perf_counter() - start}

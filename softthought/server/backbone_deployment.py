@@ -50,8 +50,8 @@ class BackboneDeployment:
                                                  placement=placement, guided=guidance != 1)
             if prompt.num_tokens > self.max_prompt_tokens:
                 raise PromptError(f"the prompt is {prompt.num_tokens} tokens long; the limit is {self.max_prompt_tokens}")
-            outputs = self.engine.generate(prompt, SamplingParams(**request["params"], guidance=guidance),
-                                           request["request_id"], request.get("stream", True))
+            params = SamplingParams(**request["params"], guidance=guidance, guidance_gate=request.get("guidance_gate", 0.0))
+            outputs = self.engine.generate(prompt, params, request["request_id"], request.get("stream", True))
             first = await anext(outputs)
         except (PromptError, ValueError) as exc:
             yield {"error": str(exc)}

@@ -297,8 +297,8 @@ class Ingress:
 
     async def _personalization(self, req, tenant: str) -> tuple[dict, dict]:
         """Soft thoughts for the request, if any: inline preference_summary > stored summary of `user` > none.
-        Returns what the backbone needs ("thoughts"; "placement", where they go; "guidance", how hard the reply reads
-        them; {} for none) and the response's extension fields."""
+        Returns what the backbone needs ("thoughts"; "placement", where they go; "guidance" and "guidance_gate", how
+        hard the reply reads them; {} for none) and the response's extension fields."""
         ext = {"summary_source": "none", "aux_version": None, "preference_version": None}
         if req.preference_summary is not None:
             summary, ext["summary_source"] = req.preference_summary, "inline"
@@ -316,7 +316,8 @@ class Ingress:
         (metrics.CACHE_HITS if out["cache_hit"] else metrics.CACHE_MISSES).inc()
         ext.update(aux_version=out["version"], aux_cache_hit=out["cache_hit"],
                    aux_latency_ms=round(1000 * out["latency_s"], 3))
-        return {"thoughts": out["thoughts"], "placement": out["placement"], "guidance": out["guidance"]}, ext
+        return {"thoughts": out["thoughts"], "placement": out["placement"], "guidance": out["guidance"],
+                "guidance_gate": out["guidance_gate"]}, ext
 
     async def _start(self, req, payload: dict, max_tokens: int, request_id: str) -> tuple[list, int]:
         """Send n generations to the backbone; return their streams once all are accepted."""

@@ -30,7 +30,8 @@ def _in_process(smollm, aux_dir, messages, summary, max_tokens):
             thoughts = aux.encode([summary])[0]
     guidance = aux.config.guidance if summary else 1.0
     prompt = build_chat_prompt(smollm.tokenizer, messages, thoughts, placement=aux.placement, guided=guidance != 1)
-    return Engine(smollm).generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, guidance=guidance))[0]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, guidance=guidance, guidance_gate=aux.config.guidance_gate)
+    return Engine(smollm).generate([prompt], params)[0]
 
 
 def test_chat_completion_matches_in_process_generation(client, smollm, aux_dir):
@@ -78,16 +79,18 @@ def test_stored_preferences_select_the_users_thoughts(client, http, admin, smoll
     assert plain.usage.prompt_tokens != resp.usage.prompt_tokens
 
 
-@pytest.mark.parametrize("field", [("thoughts_seen_by", "reply"), ("thoughts_at", "end"), ("guidance", 2.0)])
+@pytest.mark.parametrize("fields", [{"thoughts_seen_by": "reply"}, {"thoughts_at": "end"}, {"guidance": 2.0},
+                                    {"guidance": 2.0, "guidance_gate": 0.2}], ids=lambda f: "+".join(f))
 def test_a_checkpoint_placing_its_thoughts_otherwise_is_served_as_the_library_reads_it(client, admin, smollm, aux_dir,
-                                                                                        tmp_path, field):
-    """The same weights with the thoughts read by the reply only, placed after the prompt or guided are another
-    version, and the server places, hides and guides the thoughts exactly as the library does; vLLM, which has no
-    per-request mask and no guide sequence, refuses the masked and the guided ones and keeps serving the loaded one."""
-    name, value = field
+                                                                                        tmp_path, fields):
+    """The same weights with the thoughts read by the reply only, placed after the prompt or guided (at every
+    position or gated) are another version, and the server places, hides and guides the thoughts exactly as the library
+    does; vLLM, which has no per-request mask and no guide sequence, refuses the masked and the guided ones and keeps
+    serving the loaded one."""
+    name = next(iter(fields))
     reply_dir = shutil.copytree(aux_dir, tmp_path / "reply")
     config = json.loads((reply_dir / "config.json").read_text())
-    (reply_dir / "config.json").write_text(json.dumps({**config, name: value}))
+    (reply_dir / "config.json").write_text(json.dumps({**config, **fields}))
     summary, original = "Answer like a pirate, in capitals.", admin.get("/admin/aux").json()["version"]
     answer = admin.post("/admin/aux", json={"checkpoint": str(reply_dir)})
     if name != "thoughts_at" and admin.get("/health").json()["backbone"]["engine"] == "vllm":
@@ -98,7 +101,7 @@ def test_a_checkpoint_placing_its_thoughts_otherwise_is_served_as_the_library_re
     rolled = answer.json()
     try:
         assert rolled["changed"] and rolled["version"] != original
-        assert admin.get("/admin/aux").json()[name] == value
+        assert all(admin.get("/admin/aux").json()[k] == v for k, v in fields.items())
         resp = client.chat.completions.create(model="softthought", messages=HELLO, max_tokens=16, temperature=0,
                                               extra_body={"preference_summary": summary})
     finally:

@@ -299,7 +299,7 @@ def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
     users = make_users(3, 5, "e", held_out_phrasing=True)
     report = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0,
                              conditions=("soft",))
-    assert report["guidance"] == 0.0
+    assert report["guidance"] == 0.0 and report["guidance_gate"] == 0.0
     assert instruction_following(tiny, aux, users, n=2, max_new_tokens=4, seed=0)["guidance"] == 0.0
     assert personalization(tiny, aux, users[:1], ["Hi."], 1, 2, 0, conditions=("soft",), guidance=1.5)["guidance"] == 1.5
     plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
@@ -317,10 +317,16 @@ def test_guided_scoring_at_zero_is_the_plain_backbones_and_general_records_it(ti
     twice = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True), guidance=2.0)
     assert zero == pytest.approx(plain, abs=1e-4) and read != pytest.approx(plain, abs=1e-4)
     assert twice != pytest.approx(read, abs=1e-4)
+    closed = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True),
+                            guidance=2.0, gate=1e9)  # no position moves that much: the plain backbone's scores
+    assert closed == pytest.approx(plain, abs=1e-4)
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
     users = make_users(3, 5, "e", held_out_phrasing=True)
     report = general(tiny, aux, users, ["piqa"], 6, 0, guidance=0.0)
     assert report["guidance"] == 0.0 and report["piqa"]["soft"] == report["piqa"]["plain"]
+    aux.config.guidance_gate = 1e9  # the checkpoint's own gate is the default, as served
+    report = general(tiny, aux, users, ["piqa"], 6, 0, guidance=2.0)
+    assert report["guidance_gate"] == 1e9 and report["piqa"]["soft"] == report["piqa"]["plain"]
     with pytest.raises(ValueError, match="shared_context"):
         general(tiny, aux, users, ["piqa"], 6, 0, shared_context=True, guidance=2.0)
