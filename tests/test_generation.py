@@ -242,8 +242,9 @@ def test_sliding_window_backbone_alone_batched_and_joining(sliding):
     assert [results[first], results[second]] == alone
 
 
-def test_guidance_decodes_as_two_full_forwards_alone_batched_and_in_a_batch_of_one(tiny):
-    """Guided greedy: each token the argmax of plain + g * (with thoughts - plain), both fed the reply so far."""
+def _guided_prompt(tiny):
+    """A reply-only prompt with random thoughts, its plain prompt as guide, and the backbone's last logits after a
+    reply so far (two full forwards a token: the reference guided decoding is checked against)."""
     th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * tiny.embed_norm
     table, chat = tiny.model.get_input_embeddings(), [{"role": "user", "content": "The quick brown fox jumps"}]
     prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=Placement(reply_only=True))
@@ -252,8 +253,14 @@ def test_guidance_decodes_as_two_full_forwards_alone_batched_and_in_a_batch_of_o
     def last_logits(p, reply):
         embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, p), table(torch.tensor(reply, dtype=torch.long))])])
         attention = hiding_mask(mask, [p.hidden_thoughts()], embeds.dtype)
-        return tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1]
+        return tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1].float()
 
+    return th, prompt, last_logits
+
+
+def test_guidance_decodes_as_two_full_forwards_alone_batched_and_in_a_batch_of_one(tiny):
+    """Guided greedy: each token the argmax of plain + g * (with thoughts - plain), both fed the reply so far."""
+    th, prompt, last_logits = _guided_prompt(tiny)
     expected = []
     with torch.no_grad():
         for _ in range(10):
@@ -286,15 +293,7 @@ def test_gated_guidance_guides_only_positions_the_thoughts_move():
 def test_gated_guidance_decodes_as_the_gate_reads_each_position(tiny):
     """Greedy with `guidance_gate`: each token the argmax of the guided logits where the thoughts' KL to the plain
     prompt exceeds the gate, of the plain prompt's elsewhere; a gate past every KL gives the plain prompt's reply."""
-    th = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * tiny.embed_norm
-    table, chat = tiny.model.get_input_embeddings(), [{"role": "user", "content": "The quick brown fox jumps"}]
-    prompt = build_chat_prompt(tiny.tokenizer, chat, th, placement=Placement(reply_only=True))
-    prompt.guide = build_chat_prompt(tiny.tokenizer, chat)
-
-    def last_logits(p, reply):
-        embeds, mask, positions = left_pad([torch.cat([embed_prompt(table, p), table(torch.tensor(reply, dtype=torch.long))])])
-        attention = hiding_mask(mask, [p.hidden_thoughts()], embeds.dtype)
-        return tiny.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).logits[0, -1].float()
+    _, prompt, last_logits = _guided_prompt(tiny)
 
     def decode(gate):
         tokens, kls = [], []
