@@ -478,7 +478,7 @@ def general(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], t
             rounds = range(users_per_item)  # one pass over the items per round, all in one batched scoring
             flat = run.map(score_items, [(item, per_user[(i + r) % len(users)]) for r in rounds for i, item in enumerate(items)],
                            f"{task}/{name}", shared_context,
-                           *((aux.placement, *reading.values()) if name == "soft" else (OPENING,)))
+                           *((aux.placement, reading["guidance"], reading["guidance_gate"]) if name == "soft" else (OPENING,)))
             per_round = [flat[r * len(items):(r + 1) * len(items)] for r in rounds]
             entry[name], entry[f"{name}_minus_plain"], entry[f"{name}_gold_margin"] = against_plain(items, plain_ll, per_round)
         report[task] = entry
