@@ -184,14 +184,15 @@ def fits(user: dict, item: dict) -> bool:
             and compatible([k for k in kinds if k] + user["kinds"]) and (all(kinds) or set(user["kinds"]) <= ADDITIVE))
 
 
-def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[dict], n: int, max_new_tokens: int,
+def instruction_following(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], n: int, max_new_tokens: int,
                           seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None,
                           guidance: float | None = None, guidance_gate: float | None = None) -> dict:
     """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
     same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
     preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only. `run`:
     where the replies are generated (`eval_workers`; here by default); `guidance`, `guidance_gate`: the soft replies'
-    (`soft_reading`)."""
+    (`soft_reading`). Without `aux`, only the plain replies: a fine-tuned copy is paired with the plain backbone on
+    the same prompts, which depend on the users and seed only."""
     run = run or InProcess(backbone)
     reading = soft_reading(aux, guidance, guidance_gate)
     guidance = reading["guidance"]
@@ -206,13 +207,14 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
     pairs = pairs[:n]
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    thoughts = dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
+    conditions = ("none",) if aux is None else ("none", "soft")
+    thoughts = {} if aux is None else dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
     report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", **reading,
                     "pairs": [[item["key"], u["user"]] for item, u in pairs]}
-    for cond in ("none", "soft"):
-        built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
-                                   thoughts[u["user"]] if cond == "soft" else None, placement=aux.placement,
-                                   guided=guidance != 1)
+    for cond in conditions:
+        built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}], thoughts[u["user"]],
+                                   placement=aux.placement, guided=guidance != 1) if cond == "soft" else
+                 build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}])
                  for item, u in pairs]
         print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in
@@ -224,7 +226,8 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux, users: list[d
         n_instructions = sum(map(len, outcomes))
         report[cond] = {"prompt_level_strict": sum(prompt_level) / len(pairs),
                         "instruction_level_strict": sum(map(sum, outcomes)) / n_instructions, "passed": prompt_level}
-    report["soft_minus_none"] = _paired(report["none"]["passed"], report["soft"]["passed"])
+    if aux is not None:
+        report["soft_minus_none"] = paired_diff(report["none"]["passed"], report["soft"]["passed"])
     return report
 
 
@@ -414,7 +417,8 @@ def gold_margin_shift(items: list[dict], plain: list[list[float]], reading: list
             "shift_pct": 100 * float(shift) / size, "shift_pct_se": 100 * shift_se / size}
 
 
-def _paired(a: list[int], b: list[int]) -> dict:
+def paired_diff(a: list[int], b: list[int]) -> dict:
+    """b minus a in points, item by item on the same items, with its standard error."""
     n = len(a)
     diffs = [y - x for x, y in zip(a, b)]
     mean = sum(diffs) / n
@@ -428,7 +432,7 @@ def against_plain(items: list[dict], plain: list[list[float]], reading: list[lis
     right = [correctness(items, ll) for ll in reading]
     scored = [tuple(sum(r[i][k] for r in right) / len(right) for k in range(2)) for i in range(len(items))]
     base = correctness(items, plain)
-    minus = {m: _paired([p[k] for p in base], [s[k] for s in scored]) for k, m in enumerate(("acc", "acc_norm"))}
+    minus = {m: paired_diff([p[k] for p in base], [s[k] for s in scored]) for k, m in enumerate(("acc", "acc_norm"))}
     return _accs(scored), minus, gold_margin_shift(items, plain, reading)
 
 
@@ -608,8 +612,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.plot:
             onboarding_eval.plot(report, args.plot)
     elif args.command == "ifeval":
-        if aux is None:
-            ap.error("ifeval compares the plain backbone with users' thoughts: it needs an auxiliary checkpoint")
         report = instruction_following(backbone, aux, users, args.n, args.max_new_tokens, args.seed, run=run,
                                        guidance=args.guidance, guidance_gate=args.guidance_gate)
     elif args.command == "scoring-bench":
@@ -648,8 +650,9 @@ def main(argv: list[str] | None = None) -> None:
                    **{k: v["check_pass_rate"] for k, v in report["end_to_end"].items()},
                    "semantic_vs_episodic": report["semantic_vs_episodic"]["check_pass_rate"]}
     elif args.command == "ifeval":
-        summary = {k: report[k] for k in ("n", "soft_minus_none")} | {
-            c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")} for c in ("none", "soft")}
+        summary = {k: report[k] for k in ("n", "soft_minus_none") if k in report} | {
+            c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")}
+            for c in ("none", "soft") if c in report}
     else:
         summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate", "degenerate_rate",
                                                               "sound_check_pass_rate")} if k in CONDITIONS else

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,13 +24,28 @@ from softthought.pipeline import default_aux_dir
 
 from . import onboarding_eval
 from .data import read_jsonl
-from .eval import PER_CHOICE, PERSONALIZATION_FORMAT, general, paired_backbones, paired_checks, personalization
+from .eval import (
+    PER_CHOICE,
+    PERSONALIZATION_FORMAT,
+    general,
+    instruction_following,
+    paired_backbones,
+    paired_checks,
+    paired_diff,
+    personalization,
+)
 from .finetune import DEFAULT_LR, DEFAULT_STEPS, FinetuneConfig, finetune, recipe
 
 HERE = Path(__file__).parent
 TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
 SYSTEM_LABELS = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
+#: The held-out evaluation sets beside (a), the generator's users with held-out templates (eval_users.jsonl): each is
+#: scored when its file is in the data directory (`train_aux.data`).
+HELD_OUT_SETS = {
+    "ifeval": ("eval_users_ifeval.jsonl", "(b) phrased from the held-out IFEval sentences"),
+    "zero_shot": ("eval_users_zero_shot.jsonl", "(c) preference types held out of training"),
+}
 
 
 def _recorded(path: Path) -> dict | None:
@@ -45,6 +61,11 @@ def _run(path: Path, rerun: bool, fn, aux_version: str | None = None, **settings
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**fn(), **settings, "aux_version": aux_version}, indent=2))
     return json.loads(path.read_text())  # as the JSON holds it, so a fresh result reads like a cached one
+
+
+def users_digest(users: list[dict]) -> str:
+    """Which users an evaluation read: a cached result of other users (another data directory) is scored again."""
+    return hashlib.sha256(json.dumps(users, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _fine_tuned(ft_dir: Path, cfg: FinetuneConfig, data: Path, asked: dict):
@@ -77,14 +98,27 @@ def collect(args) -> dict:
     res = {}
     backbone = load_backbone(None, dtype="bfloat16")
     aux = SoftThoughtAux.from_pretrained(aux_dir, backbone=backbone).eval()
-    res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts, **aux.config.metadata}
+    res["aux_meta"] = {"version": aux.version, "num_thoughts": aux.config.num_thoughts + aux.config.copy_thoughts,
+                       "guidance": aux.config.guidance, "guidance_gate": aux.config.guidance_gate, **aux.config.metadata}
+    res["dev_split"] = (data / "dev_users.jsonl").exists()
     pers_settings = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "pairs_per_user": args.pairs_per_user,
                      "format_version": PERSONALIZATION_FORMAT}
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
-        backbone_fingerprint=backbone.fingerprint, **pers_settings)
+        backbone_fingerprint=backbone.fingerprint, users=users_digest(users), **pers_settings)
+    for name, (file, _) in HELD_OUT_SETS.items():
+        if (data / file).exists():
+            held = read_jsonl(data / file)
+            res[f"pers_{name}"] = _run(out / f"personalization_{name}.json", args.rerun, lambda held=held: personalization(
+                backbone, aux, held, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
+                conditions=("none", "text", "soft")), aux.version, backbone_fingerprint=backbone.fingerprint,
+                users=users_digest(held), **pers_settings)
+    ifeval_settings = {"asked_n": args.ifeval_n, "max_new_tokens": args.ifeval_max_new_tokens, "seed": args.seed,
+                       "users": users_digest(users)}
+    res["ifeval"] = _run(out / "ifeval.json", args.rerun, lambda: instruction_following(
+        backbone, aux, users, args.ifeval_n, args.ifeval_max_new_tokens, args.seed), aux.version, **ifeval_settings)
     general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
-                        "users_per_item": args.users_per_item}
+                        "users_per_item": args.users_per_item, "users": users_digest(users[: args.max_users])}
     # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
     res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
         backbone, aux, users[: args.max_users], TASKS, args.n, args.seed,
@@ -104,9 +138,12 @@ def collect(args) -> dict:
         ft = _fine_tuned(Path(args.runs) / f"ft-{mode}", cfg, data, asked)
         res[f"pers_{mode}"] = _run(out / f"personalization_{mode}.json", args.rerun, lambda ft=ft: personalization(
             ft(), None, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed, conditions=("none", "text")),
-            recipe=asked, **pers_settings)
+            recipe=asked, users=users_digest(users), **pers_settings)
+        res[f"ifeval_{mode}"] = _run(out / f"ifeval_{mode}.json", args.rerun, lambda ft=ft: instruction_following(
+            ft(), None, users, args.ifeval_n, args.ifeval_max_new_tokens, args.seed), recipe=asked, **ifeval_settings)
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
-            ft(), None, users[: args.max_users], TASKS, ft_n, args.seed), recipe=asked, n=ft_n, seed=args.seed)
+            ft(), None, users[: args.max_users], TASKS, ft_n, args.seed), recipe=asked, n=ft_n, seed=args.seed,
+            users=users_digest(users[: args.max_users]))
         # paired with the plain backbone on the same items: the first ft_n of the general-ability items
         res[f"gen_{mode}_paired"] = paired_backbones(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
@@ -183,9 +220,28 @@ def _objective(meta: dict) -> str:
     reading = ("" if reply is None else f" From step {reply} on, the thoughts are read by the reply only: the prompt's "
                "text does not attend to them, its last position and the reply's do (the KL then runs over the positions "
                "from the last token of \"Answer:\" on).")
+    data = []  # (data directory, first step, last step), consecutive phases on the same data merged
+    for p, end in zip(phases, ends):
+        name = Path(p["train_config"].get("data_dir", "train_aux/data")).name
+        data = data[:-1] + [(name, data[-1][1], end)] if data and data[-1][0] == name else data + [(name, p["from_step"], end)]
+    on_data = "" if len(data) < 2 else " Data: " + ", then ".join(f"`{d}` in steps {a}-{b}" for d, a, b in data) + "."
+    copy = next((p for p in phases if p["train_config"].get("copy_thoughts")), None)
+    copying = "" if copy is None else (
+        f" From step {copy['from_step']} on, {copy['train_config']['copy_thoughts']} further thoughts are mixed from the "
+        "backbone's own embeddings of the summary's tokens (a pointer and a gate loss teach them to copy the strings a "
+        "user asks for).")
+    rolled = [(p["from_step"], end, c["rollout_weight"]) for p, end in zip(phases, ends)
+              if (c := p["train_config"]).get("rollout_weight")]
+    loops = "".join(f" In steps {a}-{b}, an unlikelihood term (weight {w:g}) on every token of the thoughts' own greedy "
+                    "replies that repeats a 4-gram they already wrote." for a, b, w in rolled)
+    guided = "" if meta.get("guidance", 1.0) == 1 else (
+        f" Served with guidance {meta['guidance']:g}: logits = plain + {meta['guidance']:g} x (with thoughts - plain)"
+        + (f" where KL(with thoughts || plain) exceeds {meta['guidance_gate']:g} nats, the plain logits elsewhere"
+           if meta.get("guidance_gate") else "") + ".")
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
-            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}.{reading}")
+            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}."
+            f"{reading}{on_data}{copying}{loops}{guided}")
 
 
 def _baselines(res: dict) -> str:
@@ -213,6 +269,11 @@ def render(res: dict) -> str:
         f"thoughts (or, in the text row, the summary) of {g.get('users_per_item', 1)} of {g['n_users']} users (round-robin) "
         "and averaged over them. "
         "± is one standard error.", "",
+        *([] if not res.get("dev_split") else [
+            "The checkpoint was chosen on the dev split only: the data directory's `dev_users.jsonl` (users in neither "
+            "training nor any set below) and ARC-Easy items 1000-1999 with training users (`eval general --skip 1000`); "
+            "see `train_aux/results/dev_candidates.csv` and EXPERIMENTS.md. No set reported here was read to choose it.",
+            ""]),
         "| system | checks passed (%) | responses passing all checks (%) | "
         + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
         "|---|---|---|" + "---|" * len(TASKS),
@@ -229,6 +290,7 @@ def render(res: dict) -> str:
     for other, m in _personalization_margins(res):
         lines.append(f"| {other} | {_pm(100 * m['check_pass_rate'], 100 * m['check_pass_rate_se'], sign='+')} | "
                      f"{_pm(100 * m['all_pass_rate'], 100 * m['all_pass_rate_se'], sign='+')} |")
+    lines += held_out_section(res)
     lines += ["", "## General ability: change against the plain backbone (acc_norm points)", "",
               "| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
     for key, block in _paired_systems(res):
@@ -249,6 +311,7 @@ def render(res: dict) -> str:
         lines.append(f"| {SYSTEM_LABELS[key]} | " + " | ".join(
             f"shift {m['shift_pct']:+.1f} ± {m['shift_pct_se']:.1f} %, slope {m['slope']:.2f}"
             for m in (block[t]["gold_margin"] for t in TASKS)) + " |")
+    lines += ifeval_section(res)
     ids = sorted(p["soft"]["per_instruction"])
     lines += ["", "## Personalization per preference (% of checks passed)", "",
               "| check | n | none | text | soft | LoRA + text | full FT + text |", "|---|---|---|---|---|---|---|"]
@@ -258,12 +321,78 @@ def render(res: dict) -> str:
     for i in ids:
         lines.append(f"| `{i}` | {p['soft']['per_instruction'][i]['n']} | {cell(p['none'], i)} | {cell(p['text'], i)} | "
                      f"{cell(p['soft'], i)} | {cell(res['pers_lora']['text'], i)} | {cell(res['pers_full']['text'], i)} |")
+    lines += held_out_types(res)
     lines += ["", f"Mean prompt length: text {p['text']['mean_prompt_tokens']:.0f} positions, soft "
               f"{p['soft']['mean_prompt_tokens']:.0f} (K thoughts counted), none {p['none']['mean_prompt_tokens']:.0f}.",
               "", "![results](results.png)"]
     if "onboarding" in res:
         lines += [*onboarding_section(res["onboarding"]), "", "![onboarding](onboarding_eval.png)"]
     return "\n".join([*lines, ""])
+
+
+def _held_out(res: dict) -> list[tuple[str, dict]]:
+    """(label, personalization result) of every held-out set that was scored, (a) first."""
+    return [("(a) generator users, held-out templates", res["pers"])] + [
+        (label, res[f"pers_{name}"]) for name, (_, label) in HELD_OUT_SETS.items() if f"pers_{name}" in res]
+
+
+def held_out_section(res: dict) -> list[str]:
+    """(a), (b), (c): none / text / soft, and soft against text and none, paired, clustered by user."""
+    lines = ["", "## Held-out phrasings and held-out types", "",
+             "Soft thoughts against the summary as text and against no summary on each evaluation set: the same "
+             "(user, prompt) pairs and checks, paired, standard errors clustered by user.", "",
+             "| set | users | checks | none (%) | text (%) | soft (%) | soft - text (points) | soft - none (points) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in _held_out(res):
+        rates = [f"{100 * r[c]['check_pass_rate']:.1f}" for c in ("none", "text", "soft")]
+        diffs = [paired_checks(r[c]["passed"], r["soft"]["passed"], r["pairs"]) for c in ("text", "none")]
+        lines.append(f"| {label} | {r['n_users']} | {r['soft']['n_checks']} | " + " | ".join(rates) + " | "
+                     + " | ".join(_pm(100 * d["check_pass_rate"], 100 * d["check_pass_rate_se"], sign="+") for d in diffs)
+                     + " |")
+    return lines
+
+
+def held_out_types(res: dict) -> list[str]:
+    """(d) per preference type on (b) and (c): text against soft, % of checks passed."""
+    sets = _held_out(res)[1:]
+    if not sets:
+        return []
+    ids = sorted({i for _, r in sets for i in r["soft"]["per_instruction"]})
+    lines = ["", "Per preference type on the held-out sets (% of checks passed, n checks):", "",
+             "| check | " + " | ".join(f"{label.split()[0]} n | {label.split()[0]} text | {label.split()[0]} soft"
+                                      for label, _ in sets) + " |", "|---|" + "---|---|---|" * len(sets)]
+    for i in ids:
+        cells = []
+        for _, r in sets:
+            if i in r["soft"]["per_instruction"]:
+                cells += [str(r["soft"]["per_instruction"][i]["n"])] + [
+                    f"{100 * r[c]['per_instruction'][i]['pass_rate']:.0f}" for c in ("text", "soft")]
+            else:
+                cells += ["", "", ""]
+        lines.append(f"| `{i}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ifeval_section(res: dict) -> list[str]:
+    """Instruction following: IFEval prompt-level strict accuracy on its held-out half, paired with the plain backbone."""
+    f = res["ifeval"]
+    rows = [("frozen backbone, plain", f["none"], None), ("frozen backbone + soft thoughts", f["soft"], f["soft_minus_none"])]
+    for mode in ("lora", "full"):
+        other = res[f"ifeval_{mode}"]
+        if other["pairs"] != f["pairs"]:
+            raise ValueError(f"IFEval, {mode}: answered other (prompt, user) pairs than the plain backbone")
+        rows.append((f"{SYSTEM_LABELS[mode]} backbone", other["none"], paired_diff(f["none"]["passed"], other["none"]["passed"])))
+    lines = ["", "## Instruction following: IFEval on its held-out half", "",
+             f"{f['n']} prompts of IFEval's held-out half (its keys split once; training never reads this half), greedy, up "
+             f"to {f['max_new_tokens']} new tokens, IFEval's strict checkers on the prompt's own instructions. With "
+             "thoughts, each prompt is read with those of one evaluation user whose preferences do not contradict its "
+             "instructions. Paired prompt by prompt with the plain backbone.", "",
+             "| system | prompt-level strict (%) | instruction-level strict (%) | minus plain (points, paired) |",
+             "|---|---|---|---|"]
+    for label, block, diff in rows:
+        lines.append(f"| {label} | {100 * block['prompt_level_strict']:.1f} | {100 * block['instruction_level_strict']:.1f} | "
+                     + ("" if diff is None else _pm(diff["diff"], diff["diff_se"], sign="+")) + " |")
+    return lines
 
 
 def onboarding_section(ob: dict) -> list[str]:
@@ -309,7 +438,8 @@ def plot(res: dict, path: Path) -> None:
     table = rows(res)
     labels = {"none": "none", "text": "text", "soft": "soft (ours)", "lora": "LoRA FT", "full": "full FT"}
     colors = {"none": "#999999", "text": "#6a9fd4", "soft": "#d62728", "lora": "#8c6bb1", "full": "#e6a532"}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    sets = _held_out(res)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(19, 4.5))
     a.bar(list(labels.values()), [r["pers"][0] for r in table], yerr=[r["pers"][1] for r in table],
           color=list(colors.values()), capsize=4)
     a.set(ylabel="checks passed (%)", title="Personalization (unseen users and phrasings)")
@@ -327,6 +457,13 @@ def plot(res: dict, path: Path) -> None:
     b.set_xticks(range(len(TASKS)), [TASK_NAMES[t] for t in TASKS])
     b.set(ylabel="acc_norm change vs plain (points, paired)", title="General ability (± 1 SE; dashed: ±1 point)")
     b.legend(ncol=len(systems), fontsize=8)
+    for k, cond in enumerate(("none", "text", "soft")):  # every evaluation set: none / text / soft
+        xs = [i + (k - 1) * 0.27 for i in range(len(sets))]
+        c.bar(xs, [100 * r[cond]["check_pass_rate"] for _, r in sets], 0.27, color=colors[cond], label=labels[cond],
+              yerr=[100 * r[cond]["check_pass_rate_se"] for _, r in sets], capsize=2)
+    c.set_xticks(range(len(sets)), [label.split(")")[0] + ")" for label, _ in sets])
+    c.set(ylabel="checks passed (%)", title="Personalization per evaluation set")
+    c.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -334,7 +471,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
-    ap.add_argument("--data-dir", default=str(HERE / "data"))
+    ap.add_argument("--data-dir", default=str(HERE / "data-broad"))
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--runs", default="runs", help="where the fine-tuned baselines are (or get) trained")
     ap.add_argument("--n", type=int, default=1000, help="items per general-ability task")
@@ -342,7 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-general-text", dest="general_text", action="store_false",
                     help="skip scoring general ability with the summary written as text")
     ap.add_argument("--pairs-per-user", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--ifeval-n", type=int, default=150, help="IFEval prompts of its held-out half")
+    ap.add_argument("--ifeval-max-new-tokens", type=int, default=192)
     ap.add_argument("--max-users", type=int, default=8)
     ap.add_argument("--users-per-item", type=int, default=4,
                     help="general ability: users whose thoughts score each item, averaged (--max-users for all)")

@@ -288,6 +288,10 @@ def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny
         assert report[cond]["prompt_level_strict"] == sum(report[cond]["passed"]) / 6
     diff = sum(report["soft"]["passed"]) - sum(report["none"]["passed"])
     assert report["soft_minus_none"]["diff"] == pytest.approx(100 * diff / 6)
+    # without an aux (a fine-tuned copy is scored so): the same prompts, the plain replies only
+    plain = instruction_following(tiny, None, users, n=6, max_new_tokens=6, seed=0)
+    assert plain["pairs"] == report["pairs"] and plain["none"] == report["none"]
+    assert "soft" not in plain and "soft_minus_none" not in plain
 
 
 def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):

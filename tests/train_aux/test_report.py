@@ -35,6 +35,14 @@ def _gen(base, conditions=(), n=1000):
     return out
 
 
+IFEVAL_PAIRS = [[f"k{i}", f"u{i}"] for i in range(10)]
+
+
+def _ifeval(passed, **conditions):
+    return {"n": 10, "max_new_tokens": 192, "pairs": IFEVAL_PAIRS, **conditions,
+            "none": {"prompt_level_strict": sum(passed) / 10, "instruction_level_strict": 0.5, "passed": passed}}
+
+
 def _paired(diff):
     margin = {"plain_margin": 0.16, "slope": 0.8, "shift": -0.01, "shift_se": 0.002, "shift_pct": -6.25, "shift_pct_se": 1.25}
     return {t: {"minus_plain": {"acc": {"diff": diff, "diff_se": 1.1}, "acc_norm": {"diff": diff, "diff_se": 1.1}},
@@ -54,8 +62,21 @@ def test_render_and_plot(tmp_path):
         "pers_lora": _judged(text=0.4), "gen_lora": _gen(40.0, n=300), "gen_lora_paired": _paired(-2.5),
         "pers_full": _judged(text=0.45), "gen_full": _gen(38.0, n=300), "gen_full_paired": _paired(-4.0),
         "ft_lora": asdict(FinetuneConfig("lora", 100, 2e-4)), "ft_full": asdict(FinetuneConfig("full", 80, 2e-5)),
+        "pers_ifeval": {"n_users": 80, **_judged(none=0.05, text=0.2, soft=0.4)},
+        "pers_zero_shot": {"n_users": 80, **_judged(none=0.05, text=0.5, soft=0.3)},
+        "ifeval": _ifeval([1] * 5 + [0] * 5, soft={"prompt_level_strict": 0.4, "instruction_level_strict": 0.45},
+                          soft_minus_none={"diff": -10.0, "diff_se": 10.0}),
+        "ifeval_lora": _ifeval([1] * 4 + [0] * 6), "ifeval_full": _ifeval([1] * 6 + [0] * 4), "dev_split": True,
     }
     md = render(res)
+    # (b) and (c) against text and none, paired as (a); per type on both
+    assert "| (b) phrased from the held-out IFEval sentences | 80 | 300 | 5.0 | 20.0 | 40.0 | +" in md
+    assert "| (c) preference types held out of training | 80 | 300 | 5.0 | 50.0 | 30.0 | -" in md
+    assert "| `change_case:english_lowercase` | 50 | 20 | 40 | 50 | 50 | 30 |" in md
+    # IFEval: each fine-tuned copy paired prompt by prompt with the plain backbone
+    assert "| frozen backbone + soft thoughts | 40.0 | 45.0 | -10.0 ± 10.0 |" in md
+    assert "| LoRA fine-tuned backbone | 40.0 | 50.0 | -10.0 ± 10.0 |" in md and "| fully fine-tuned backbone | 60.0 | 50.0 | +10.0" in md
+    assert "The checkpoint was chosen on the dev split only" in md
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
             "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain "
@@ -73,7 +94,22 @@ def test_render_and_plot(tmp_path):
     assert ("(weight 2) in steps 550-610 and KL(backbone reading the summary as text || backbone after the thoughts) on "
             "question-answer text built from the training prompts and the backbone's own answers (weight 2) in steps "
             "610-710.") in render(res)
+    # phases on other data, copy thoughts, an unlikelihood term, and the guidance the checkpoint is served with
+    last = phases[-1]["train_config"]
+    res["aux_meta"] = {**meta, "steps": 900, "guidance": 2.0, "guidance_gate": 0.19, "phases": phases + [
+        {"from_step": 610, "train_config": {**last, "data_dir": "train_aux/data-broad", "copy_thoughts": 8}},
+        {"from_step": 800, "train_config": {**last, "data_dir": "train_aux/data-broad", "rollout_weight": 2.0}}]}
+    md_broad = render(res)
+    assert ("Data: `data` in steps 0-610, then `data-broad` in steps 610-900. From step 610 on, 8 further thoughts are "
+            "mixed from the backbone's own embeddings") in md_broad
+    assert "In steps 800-900, an unlikelihood term (weight 2) on every token" in md_broad
+    assert ("Served with guidance 2: logits = plain + 2 x (with thoughts - plain) where KL(with thoughts || plain) "
+            "exceeds 0.19 nats, the plain logits elsewhere.") in md_broad
     res["aux_meta"] = meta
+    res["ifeval_full"] = {**res["ifeval_full"], "pairs": IFEVAL_PAIRS[::-1]}
+    with pytest.raises(ValueError, match="IFEval, full: answered other"):
+        render(res)
+    res["ifeval_full"]["pairs"] = IFEVAL_PAIRS
     # a checkpoint without the phases metadata is described by its one recorded config
     del res["aux_meta"]["phases"]
     assert "Training (1 phase): " in render(res) and "(weight 2) in steps 0-610." in render(res)
