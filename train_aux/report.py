@@ -117,20 +117,6 @@ def collect(args) -> dict:
                        "users": users_digest(users)}
     res["ifeval"] = _run(out / "ifeval.json", args.rerun, lambda: instruction_following(
         backbone, aux, users, args.ifeval_n, args.ifeval_max_new_tokens, args.seed), aux.version, **ifeval_settings)
-    general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
-                        "users_per_item": args.users_per_item, "users": users_digest(users[: args.max_users])}
-    # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
-    res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
-        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed,
-        plain_loglik=None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed),
-        users_per_item=args.users_per_item), aux.version, conditions=["soft"], **general_settings)
-    if args.general_text:  # its own file: the summary as text does not depend on the aux, so a new aux keeps it
-        res["gen_text"] = _run(out / "general_text.json", args.rerun, lambda: general(
-            backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True,
-            plain_loglik={t: res["gen"][t]["plain_loglik"] for t in TASKS}, users_per_item=args.users_per_item),
-            conditions=["text"], **general_settings)
-    res["onboarding"] = _run(out / "onboarding.json", args.rerun, lambda: onboarding_eval.evaluate(
-        backbone, aux, prompts, args.seed), aux.version)  # the eval command's JSON (`eval onboarding`) is reused
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)
@@ -144,7 +130,22 @@ def collect(args) -> dict:
         res[f"gen_{mode}"] = _run(out / f"general_{mode}.json", args.rerun, lambda ft=ft: general(
             ft(), None, users[: args.max_users], TASKS, ft_n, args.seed), recipe=asked, n=ft_n, seed=args.seed,
             users=users_digest(users[: args.max_users]))
-        # paired with the plain backbone on the same items: the first ft_n of the general-ability items
+    res["onboarding"] = _run(out / "onboarding.json", args.rerun, lambda: onboarding_eval.evaluate(
+        backbone, aux, prompts, args.seed), aux.version)  # the eval command's JSON (`eval onboarding`) is reused
+    # the aux's own general-ability scoring last: the longest evaluation, and the one the baselines are paired with
+    general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
+                        "users_per_item": args.users_per_item, "users": users_digest(users[: args.max_users])}
+    # read only when scoring, before general.json is rewritten: the plain scores depend on no aux
+    res["gen"] = _run(out / "general.json", args.rerun, lambda: general(
+        backbone, aux, users[: args.max_users], TASKS, args.n, args.seed,
+        plain_loglik=None if args.rerun else _plain_loglik(out / "general.json", backbone.fingerprint, args.n, args.seed),
+        users_per_item=args.users_per_item), aux.version, conditions=["soft"], **general_settings)
+    if args.general_text:  # its own file: the summary as text does not depend on the aux, so a new aux keeps it
+        res["gen_text"] = _run(out / "general_text.json", args.rerun, lambda: general(
+            backbone, None, users[: args.max_users], TASKS, args.n, args.seed, with_text=True,
+            plain_loglik={t: res["gen"][t]["plain_loglik"] for t in TASKS}, users_per_item=args.users_per_item),
+            conditions=["text"], **general_settings)
+    for mode in ("lora", "full"):  # paired with the plain backbone on the same items: the first ft_n of its items
         res[f"gen_{mode}_paired"] = paired_backbones(res["gen"], res[f"gen_{mode}"], TASKS, ft_n, args.seed)
     return res
 
