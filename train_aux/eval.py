@@ -266,7 +266,14 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
     `guidance`: the continuation's logits guided as generation guides them (`SamplingParams.guidance`), the same
     text without the thoughts guiding, only where they move the token by more than `gate` nats (`guided_logits`)."""
     table = backbone.model.get_input_embeddings()
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+
+    def key(i: int) -> tuple:
+        return tuple(requests[i][0]), tuple(requests[i][1])
+
+    # guided, the same text read with several users' thoughts is sorted into one batch, where its guiding plain
+    # logits are computed once
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]),
+                                                        *(key(i) if guidance != 1 else ())))
     out = [0.0] * len(requests)
 
     def continuation_logits(prompts: list[Prompt], conts: list[list[int]]) -> list[torch.Tensor]:
@@ -283,8 +290,10 @@ def loglikelihoods(backbone: Backbone, requests: list[tuple[list[int], list[int]
         conts = [requests[i][1] for i in idx]
         logits = continuation_logits([text_prompt(requests[i][0], requests[i][2], placement) for i in idx], conts)
         if guidance != 1:
-            plain = continuation_logits([text_prompt(requests[i][0], None) for i in idx], conts)
-            logits = [guided_logits(x, p, guidance, gate) for x, p in zip(logits, plain)]
+            texts = list(dict.fromkeys(key(i) for i in idx))
+            plain = dict(zip(texts, continuation_logits([text_prompt(list(ctx), None) for ctx, _ in texts],
+                                                        [list(cont) for _, cont in texts])))
+            logits = [guided_logits(x, plain[key(i)], guidance, gate) for x, i in zip(logits, idx)]
         for i, cont, x in zip(idx, conts, logits):
             out[i] = x.log_softmax(-1).gather(-1, torch.tensor(cont, device=x.device)[:, None]).sum().item()
     return out

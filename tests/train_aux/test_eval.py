@@ -324,6 +324,13 @@ def test_guided_scoring_at_zero_is_the_plain_backbones_and_general_records_it(ti
     closed = loglikelihoods(tiny, [(ctx, cont, th) for ctx, cont in pairs], placement=Placement(reply_only=True),
                             guidance=2.0, gate=1e9)  # no position moves that much: the plain backbone's scores
     assert closed == pytest.approx(plain, abs=1e-4)
+    # the same text read with several thoughts: its guiding plain logits computed once, each reading scored as alone
+    other = torch.randn(4, tiny.hidden_size, generator=torch.Generator().manual_seed(6)) * tiny.embed_norm
+    mixed = [(ctx, cont, t) for t in (th, other) for ctx, cont in pairs]
+    together = loglikelihoods(tiny, mixed, placement=Placement(reply_only=True), guidance=2.0)
+    alone = [loglikelihoods(tiny, [r], placement=Placement(reply_only=True), guidance=2.0)[0] for r in mixed]
+    assert together == pytest.approx(alone, abs=1e-4) and together[:2] == pytest.approx(twice, abs=1e-4)
+    assert together[:2] != pytest.approx(together[2:], abs=1e-4)
     torch.manual_seed(0)
     aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=4).eval()
     users = make_users(3, 5, "e", held_out_phrasing=True)
