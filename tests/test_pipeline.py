@@ -12,7 +12,7 @@ from softthought.ifeval import check_all
 from softthought.pipeline import DEFAULT_AUX_DIR, Pipeline, default_aux_dir
 from train_aux.data import read_jsonl
 
-DATA = Path(__file__).parents[1] / "train_aux" / "data"
+DATA = Path(__file__).parents[1] / "train_aux" / "data-broad"
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,13 @@ def test_the_shipped_thoughts_personalize_users_never_seen_in_training(shipped):
 
     def checks_passed(summary_of) -> int:
         built = [shipped.prompt([{"role": "user", "content": p}], summary_of(u)) for u, p in zip(users, prompts)]
-        replies = shipped.engine.generate(built, params)
+        replies = shipped.engine.generate(built, shipped.params(built[0], params))  # read as served: guided
         return sum(sum(check_all(r.text, u["checks"])) for r, u in zip(replies, users))
 
     plain, soft = checks_passed(lambda u: None), checks_passed(lambda u: u["summary"])
     n_checks = sum(len(u["checks"]) for u in users)
-    # the shipped thoughts pass 14 of these 32 checks, the plain backbone 1, random-init thoughts 1
+    # the shipped thoughts pass 10 of these 32 checks (22 kinds of preference), the plain backbone 1, random-init
+    # thoughts 2
     assert soft >= max(plain + 4, n_checks // 4), (plain, soft, n_checks)
 
 

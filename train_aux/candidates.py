@@ -4,8 +4,11 @@
 
 The figures are those of train_aux/EXPERIMENTS.md (its `section` column names where), each measured by the rule the
 candidates were judged by: ARC-Easy items 1000-1999 with 2 training users per item (`eval general --skip 1000
---users-per-item 2`), checks on the 80 fresh held-out-phrasing users of the K = 4 rule. A candidate inside the
-rule's corner (a change of at least -0.25 points and at least 25% of checks passed) ships.
+--users-per-item 2`); checks on the 80 fresh held-out-phrasing users of the K = 4 rule (nine preference types), or,
+where the name says "broad dev users", on the 80 of `train_aux/data-broad/dev_users.jsonl` (22 kinds). Until issue
+24 a candidate inside the rule's corner (a change of at least -0.25 points and at least 25% of checks passed)
+shipped; the broad checkpoint, 0.10 point outside it, ships on the issue's bounds on the reported sets
+(EXPERIMENTS.md, "Guidance where the thoughts move the token").
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def plot(candidates: list[Candidate], path: Path) -> None:
 
     markers = {"shipped": "*", "shipped earlier": "o", "candidate": "s", "measurement": "D"}
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    ax.fill_between([MIN_ARC_EASY_CHANGE, 1.0], MIN_CHECKS_PASSED, 40, color="#2ca02c", alpha=0.12,
+    ax.fill_between([MIN_ARC_EASY_CHANGE, 1.0], MIN_CHECKS_PASSED, 45, color="#2ca02c", alpha=0.12,
                     label="the rule's corner: ships")
     # too close together to label in place: one colour each, named in the legend
     tab20 = plt.get_cmap("tab20").colors
@@ -70,7 +73,7 @@ def plot(candidates: list[Candidate], path: Path) -> None:
     ax.set(xlabel="dev ARC-Easy acc_norm change vs plain (points, paired; ± 1 SE)",
            ylabel="checks passed, 80 fresh users (%)",
            title="Every checkpoint judged on the dev split: personalization against general ability")
-    ax.set(xlim=(-5.6, 1.0), ylim=(5, 40))
+    ax.set(xlim=(-5.6, 1.0), ylim=(5, 45))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

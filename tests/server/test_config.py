@@ -48,7 +48,7 @@ def test_auto_engine_keeps_a_masked_or_guided_checkpoint_on_the_reference_engine
     from softthought.server.app import engine_for
 
     masked = shutil.copytree(DEFAULT_AUX_DIR, tmp_path / "masked")
-    config = json.loads((masked / "config.json").read_text())
+    config = {**json.loads((masked / "config.json").read_text()), "guidance": 1.0, "guidance_gate": 0.0}  # unguided
     (masked / "config.json").write_text(json.dumps({**config, "thoughts_at": "system", "thoughts_seen_by": "reply"}))
     end = shutil.copytree(masked, tmp_path / "end")
     (end / "config.json").write_text(json.dumps({**config, "thoughts_at": "end"}))
@@ -58,4 +58,5 @@ def test_auto_engine_keeps_a_masked_or_guided_checkpoint_on_the_reference_engine
     (guided / "config.json").write_text(json.dumps({**config, "thoughts_at": "end", "guidance": 2.0}))
     assert engine_for(ServerConfig(aux_checkpoint=str(guided))) == "hf"  # vLLM decodes no guide sequence
     assert engine_for(ServerConfig(aux_checkpoint=None)) == "auto"
+    assert engine_for(ServerConfig()) == "hf"  # the shipped checkpoint is guided
     assert engine_for(ServerConfig(aux_checkpoint=str(masked), engine="vllm")) == "vllm"  # refused later, with a message
