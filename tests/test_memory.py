@@ -39,7 +39,8 @@ def test_onboarding_learns_and_stores_the_users_preferences(store_url, bank):
     assert done["questions_asked"] <= 10 and {p["preference"] for p in done["profile"]} == TRUTH
     stored = memory.store.get("t", "u")
     assert (stored.summary, stored.summary_source, stored.version) == (done["summary"], "onboarding", done["preference_version"])
-    assert "lowercase" in stored.summary and "40 words" in stored.summary
+    phrases = [a.phrase for a in bank.atoms if a.id in TRUTH]  # as the bank phrases them for the shipped thoughts
+    assert len(phrases) == len(TRUTH) and all(ph in stored.summary for ph in phrases) and "40 words" in stored.summary
     assert len(memory.store.evidence("t", "u")) == done["questions_asked"]
     with pytest.raises(APIError) as err:  # a finished session is gone
         memory.answer("t", "u", done["session"], "q0001", "o1")
