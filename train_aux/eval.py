@@ -207,14 +207,14 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux | None, users:
     pairs = pairs[:n]
     tok = backbone.tokenizer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    conditions = ("none",) if aux is None else ("none", "soft")
+    conditions, placement = (("none",), OPENING) if aux is None else (("none", "soft"), aux.placement)
     thoughts = {} if aux is None else dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
     report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", **reading,
                     "pairs": [[item["key"], u["user"]] for item, u in pairs]}
     for cond in conditions:
-        built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}], thoughts[u["user"]],
-                                   placement=aux.placement, guided=guidance != 1) if cond == "soft" else
-                 build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}])
+        built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
+                                   thoughts[u["user"]] if cond == "soft" else None, placement=placement,
+                                   guided=guidance != 1)
                  for item, u in pairs]
         print(f"ifeval/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         outcomes = [check_all(r.text, [{"instruction_id": i, "kwargs": k} for i, k in

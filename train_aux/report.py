@@ -377,12 +377,12 @@ def held_out_types(res: dict) -> list[str]:
 def ifeval_section(res: dict) -> list[str]:
     """Instruction following: IFEval prompt-level strict accuracy on its held-out half, paired with the plain backbone."""
     f = res["ifeval"]
-    rows = [("frozen backbone, plain", f["none"], None), ("frozen backbone + soft thoughts", f["soft"], f["soft_minus_none"])]
+    systems = [("frozen backbone, plain", f["none"], None), ("frozen backbone + soft thoughts", f["soft"], f["soft_minus_none"])]
     for mode in ("lora", "full"):
         other = res[f"ifeval_{mode}"]
         if other["pairs"] != f["pairs"]:
             raise ValueError(f"IFEval, {mode}: answered other (prompt, user) pairs than the plain backbone")
-        rows.append((f"{SYSTEM_LABELS[mode]} backbone", other["none"], paired_diff(f["none"]["passed"], other["none"]["passed"])))
+        systems.append((f"{SYSTEM_LABELS[mode]} backbone", other["none"], paired_diff(f["none"]["passed"], other["none"]["passed"])))
     lines = ["", "## Instruction following: IFEval on its held-out half", "",
              f"{f['n']} prompts of IFEval's held-out half (its keys split once; training never reads this half), greedy, up "
              f"to {f['max_new_tokens']} new tokens, IFEval's strict checkers on the prompt's own instructions. With "
@@ -390,7 +390,7 @@ def ifeval_section(res: dict) -> list[str]:
              "instructions. Paired prompt by prompt with the plain backbone.", "",
              "| system | prompt-level strict (%) | instruction-level strict (%) | minus plain (points, paired) |",
              "|---|---|---|---|"]
-    for label, block, diff in rows:
+    for label, block, diff in systems:
         lines.append(f"| {label} | {100 * block['prompt_level_strict']:.1f} | {100 * block['instruction_level_strict']:.1f} | "
                      + ("" if diff is None else _pm(diff["diff"], diff["diff_se"], sign="+")) + " |")
     return lines
