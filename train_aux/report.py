@@ -21,6 +21,7 @@ from pathlib import Path
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
+from softthought.preference_memory import DEFAULT_BANK
 
 from . import onboarding_eval
 from .data import read_jsonl
@@ -131,7 +132,8 @@ def collect(args) -> dict:
             ft(), None, users[: args.max_users], TASKS, ft_n, args.seed), recipe=asked, n=ft_n, seed=args.seed,
             users=users_digest(users[: args.max_users]))
     res["onboarding"] = _run(out / "onboarding.json", args.rerun, lambda: onboarding_eval.evaluate(
-        backbone, aux, prompts, args.seed), aux.version)  # the eval command's JSON (`eval onboarding`) is reused
+        backbone, aux, prompts, args.seed), aux.version,  # the eval command's JSON (`eval onboarding`) is reused
+        bank=hashlib.sha256(DEFAULT_BANK.read_bytes()).hexdigest()[:16])  # a rebuilt bank is evaluated again
     # the aux's own general-ability scoring last: the longest evaluation, and the one the baselines are paired with
     general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
                         "users_per_item": args.users_per_item, "users": users_digest(users[: args.max_users])}
@@ -201,6 +203,14 @@ def rows(res: dict) -> list[dict]:
     ]
 
 
+def _merged(spans: list[tuple]) -> list[tuple]:
+    """(what, first step, last step) spans with consecutive spans of the same `what` joined into one."""
+    out = []
+    for what, a, b in spans:
+        out = out[:-1] + [(what, out[-1][1], b)] if out and out[-1][0] == what and out[-1][2] == a else out + [(what, a, b)]
+    return out
+
+
 def _objective(meta: dict) -> str:
     """How the aux was trained, phase by phase."""
     texts = {"boolq": "BoolQ passages", "qa": "question-answer text built from the training prompts and the "
@@ -210,21 +220,19 @@ def _objective(meta: dict) -> str:
     ends = [p["from_step"] for p in phases[1:]] + [meta.get("steps", cfg.get("steps", "?"))]
     teachers = {"plain": "plain backbone", "text": "backbone reading the summary as text"}
     kl, last = [], None
-    for p, end in zip(phases, ends):
-        if (c := p["train_config"]).get("preserve_weight"):
-            teacher = teachers[c.get("preserve_teacher", "plain")]
-            kl.append(("" if teacher == last else f"KL({teacher} || backbone after the thoughts) ")
-                      + f"on {texts[c.get('preserve_texts', 'boolq')]} (weight {c['preserve_weight']:g}) in steps {p['from_step']}-{end}")
-            last = teacher
+    for (teacher, on, weight), a, b in _merged([
+            ((teachers[c.get("preserve_teacher", "plain")], texts[c.get("preserve_texts", "boolq")], c["preserve_weight"]),
+             p["from_step"], end) for p, end in zip(phases, ends) if (c := p["train_config"]).get("preserve_weight")]):
+        kl.append(("" if teacher == last else f"KL({teacher} || backbone after the thoughts) ")
+                  + f"on {on} (weight {weight:g}) in steps {a}-{b}")
+        last = teacher
     preserve = f", plus {' and '.join(kl)}" if kl else ""
     reply = next((p["from_step"] for p in phases if p["train_config"].get("thoughts_seen_by") == "reply"), None)
     reading = ("" if reply is None else f" From step {reply} on, the thoughts are read by the reply only: the prompt's "
                "text does not attend to them, its last position and the reply's do (the KL then runs over the positions "
                "from the last token of \"Answer:\" on).")
-    data = []  # (data directory, first step, last step), consecutive phases on the same data merged
-    for p, end in zip(phases, ends):
-        name = Path(p["train_config"].get("data_dir", "train_aux/data")).name
-        data = data[:-1] + [(name, data[-1][1], end)] if data and data[-1][0] == name else data + [(name, p["from_step"], end)]
+    data = _merged([(Path(p["train_config"].get("data_dir", "train_aux/data")).name, p["from_step"], end)
+                    for p, end in zip(phases, ends)])
     on_data = "" if len(data) < 2 else " Data: " + ", then ".join(f"`{d}` in steps {a}-{b}" for d, a, b in data) + "."
     copy = next((p for p in phases if p["train_config"].get("copy_thoughts")), None)
     copying = "" if copy is None else (

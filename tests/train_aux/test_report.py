@@ -103,6 +103,8 @@ def test_render_and_plot(tmp_path):
     assert ("Data: `data` in steps 0-610, then `data-broad` in steps 610-900. From step 610 on, 8 further thoughts are "
             "mixed from the backbone's own embeddings") in md_broad
     assert "In steps 800-900, an unlikelihood term (weight 2) on every token" in md_broad
+    # phases with the same KL are described once, over the steps they span together
+    assert "backbone's own answers (weight 2) in steps 550-900." in md_broad and md_broad.count("in steps 610-") == 1
     assert ("Served with guidance 2: logits = plain + 2 x (with thoughts - plain) where KL(with thoughts || plain) "
             "exceeds 0.19 nats, the plain logits elsewhere.") in md_broad
     res["aux_meta"] = meta
