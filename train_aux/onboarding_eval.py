@@ -15,13 +15,14 @@ each question by IFEval's checkers (the option passing most of their preferences
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import Backbone
-from softthought.preference_memory import Bank, Posterior, simulated_answer, summary_of
+from softthought.preference_memory import DEFAULT_BANK, Bank, Posterior, simulated_answer, summary_of
 
 from .users import STYLES, phrase
 
@@ -143,13 +144,18 @@ def semantic_vs_episodic(backbone: Backbone, aux: SoftThoughtAux, bank: Bank, pr
             "semantic_minus_episodic": paired_checks(epi["text"]["passed"], sem["soft"]["passed"], sem["pairs"])}
 
 
+def bank_digest() -> str:
+    """Which question bank an evaluation read: a rebuilt bank (`train_aux.onboarding_bank`) is evaluated again."""
+    return hashlib.sha256(DEFAULT_BANK.read_bytes()).hexdigest()[:16]
+
+
 def evaluate(backbone: Backbone, aux: SoftThoughtAux, prompts: list[str], seed: int = 0, recovery_users: int = 300,
              questions: int = 10, confidence: float = 0.95, n_users: int = 60, pairs_per_user: int = 2,
              max_new_tokens: int = 96) -> dict:
     """All three measurements on the shipped question bank."""
     bank = Bank.load()
     gen = (prompts, n_users, seed, pairs_per_user, max_new_tokens)
-    return {"recovery": recovery(bank, recovery_users, questions, seed),
+    return {"bank": bank_digest(), "recovery": recovery(bank, recovery_users, questions, seed),
             "end_to_end": end_to_end(backbone, aux, bank, *gen, questions, confidence),
             "semantic_vs_episodic": semantic_vs_episodic(backbone, aux, bank, *gen),
             "settings": {"seed": seed, "questions": questions, "confidence": confidence, "n_users": n_users,

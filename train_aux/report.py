@@ -21,7 +21,6 @@ from pathlib import Path
 from softthought.aux_model import SoftThoughtAux
 from softthought.backbone import load_backbone
 from softthought.pipeline import default_aux_dir
-from softthought.preference_memory import DEFAULT_BANK
 
 from . import onboarding_eval
 from .data import read_jsonl
@@ -133,7 +132,7 @@ def collect(args) -> dict:
             users=users_digest(users[: args.max_users]))
     res["onboarding"] = _run(out / "onboarding.json", args.rerun, lambda: onboarding_eval.evaluate(
         backbone, aux, prompts, args.seed), aux.version,  # the eval command's JSON (`eval onboarding`) is reused
-        bank=hashlib.sha256(DEFAULT_BANK.read_bytes()).hexdigest()[:16])  # a rebuilt bank is evaluated again
+        bank=onboarding_eval.bank_digest())
     # the aux's own general-ability scoring last: the longest evaluation, and the one the baselines are paired with
     general_settings = {"backbone_fingerprint": backbone.fingerprint, "n": args.n, "seed": args.seed,
                         "users_per_item": args.users_per_item, "users": users_digest(users[: args.max_users])}

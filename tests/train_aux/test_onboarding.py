@@ -71,3 +71,11 @@ def test_end_to_end_and_memory_comparisons_generate_for_the_same_pairs(tiny, ban
     memory = onboarding_eval.semantic_vs_episodic(tiny, aux, bank, prompts, n_users=2, seed=0, pairs_per_user=1,
                                                   max_new_tokens=4, examples=1)
     assert memory["n_users"] == 2 and set(memory["check_pass_rate"]) == {"semantic_soft", "episodic_text"}
+
+
+def test_the_bank_digest_names_the_bank_an_evaluation_read(tmp_path, monkeypatch):
+    shipped = onboarding_eval.bank_digest()
+    rebuilt = tmp_path / "onboarding_questions.json"
+    rebuilt.write_bytes(onboarding_eval.DEFAULT_BANK.read_bytes().replace(b'"q', b'"Q', 1))
+    monkeypatch.setattr(onboarding_eval, "DEFAULT_BANK", rebuilt)
+    assert onboarding_eval.bank_digest() != shipped  # a report keyed by it evaluates the rebuilt bank again
