@@ -8,6 +8,10 @@ Optionally (`copy_thoughts` > 0) further thoughts are convex mixes of the backbo
 tokens, chosen by attention over the encoder's states: a word or phrase the user asks for ("end with 'Cheers!'",
 "use the word lantern") can reach the backbone as the very token it would read, which no projection learned from a
 few hundred words can write for a word it never saw.
+
+Optionally (`languages`) each response language has its own learned offset to every thought, weighed by a head that
+reads which language, if any, the summary asks for: a reply whose first words are in another language is a shift that
+a projection shared by every preference did not learn from the few examples of each language training holds.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ THOUGHTS_SEEN_BY = ("all", "reply")
 THOUGHTS_AT = ("system", "end")
 COPY_GATE_SCALE = 10.0
 COPY_GATE_INIT = -4.0
+LANGUAGE_NONE_INIT = 6.0
 
 
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
@@ -60,6 +65,7 @@ class AuxConfig:
     encoder: str = EMBEDDED_ENCODER
     num_thoughts: int = 8
     copy_thoughts: int = 0  # further thoughts mixed from the backbone's embeddings of the summary's own tokens
+    languages: list[str] = field(default_factory=list)  # response languages (IFEval codes) with their own offset
     num_heads: int = 6
     mlp_ratio: int = 2
     encoder_training: str = "frozen"  # frozen | lora | full
@@ -87,6 +93,8 @@ class AuxConfig:
             raise CheckpointError(f"num_thoughts must be in 1..64, got {self.num_thoughts}")
         if not 0 <= self.copy_thoughts <= 64:
             raise CheckpointError(f"copy_thoughts must be in 0..64, got {self.copy_thoughts}")
+        if len(set(self.languages)) != len(self.languages) or not all(isinstance(x, str) and x for x in self.languages):
+            raise CheckpointError(f"languages must be distinct non-empty codes, got {self.languages!r}")
         if self.encoder_training not in ENCODER_TRAINING:
             raise CheckpointError(f"encoder_training must be one of {ENCODER_TRAINING}, got {self.encoder_training!r}")
         if self.thoughts_seen_by not in THOUGHTS_SEEN_BY:
@@ -223,6 +231,8 @@ class SoftThoughtAux(nn.Module):
             if copy_source is None:
                 raise CheckpointError("copy thoughts need the backbone's tokenizer and embedding table")
             self._build_copy(copy_source)
+        if config.languages:
+            self._build_languages()
 
     def _build_copy(self, source: CopySource) -> None:
         e = self.config.encoder_hidden
@@ -243,10 +253,32 @@ class SoftThoughtAux(nn.Module):
         nn.init.zeros_(self.copy_gate.weight)
         nn.init.constant_(self.copy_gate.bias, COPY_GATE_INIT / COPY_GATE_SCALE)
 
+    def _build_languages(self) -> None:
+        e, n = self.config.encoder_hidden, len(self.config.languages)
+        # which language the summary asks for, read off the encoder's states pooled by a learned score per token (a
+        # preference buried in a long summary is a few of its tokens): class 0 is none, at first almost surely
+        self.language_score = nn.Linear(e, 1)
+        self.language_head = nn.Linear(e, n + 1)
+        with torch.no_grad():
+            self.language_head.bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
+        # zero at first: a checkpoint that grows languages makes the same thoughts as before
+        self.language_offsets = nn.Parameter(torch.zeros(n, self.config.total_thoughts, self.config.backbone_hidden))
+
+    def add_languages(self, codes: Sequence[str]) -> None:
+        """Grow a checkpoint without response-language offsets by ones for `codes` (its other weights kept)."""
+        if self.config.languages:
+            raise CheckpointError(f"the checkpoint already has languages {self.config.languages}")
+        self.config.languages = list(codes)
+        self.config.validate()
+        self._build_languages()
+        self.to(self.queries.device)
+
     def add_copy_thoughts(self, k: int, source: CopySource) -> None:
         """Grow a checkpoint without copy thoughts by `k` freshly initialized ones (its other weights kept)."""
         if self.config.copy_thoughts:
             raise CheckpointError(f"the checkpoint already has {self.config.copy_thoughts} copy thoughts")
+        if self.config.languages:  # their offsets are sized for every thought
+            raise CheckpointError("copy thoughts must be added before languages")
         self.config.copy_thoughts = k
         self.config.validate()
         self._build_copy(source)
@@ -285,23 +317,45 @@ class SoftThoughtAux(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None = None,
-                copy_align: torch.Tensor | None = None, return_copy: bool = False):
+                copy_align: torch.Tensor | None = None, return_copy: bool = False, languages: torch.Tensor | None = None):
         """[B, T] encoder tokens -> [B, K, backbone_hidden] thoughts; with copy thoughts, also the summary's backbone
         tokens [B, S] and which encoder tokens each overlaps [B, S, T] (`tokenize`), -> [B, K + copy, hidden].
-        `return_copy`: (thoughts, `copy_attention`'s picks, its gate logits), for training."""
+        `return_copy`: (thoughts, `copy_attention`'s picks, its gate logits), for training. `languages` [B, L]: how
+        much of each language's offset to add, in place of the head's probabilities (training: the user's own)."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        thoughts, *copy = self._thoughts(states, attention_mask, copy_ids, copy_align)
+        if self.config.languages:
+            if languages is None:
+                languages = self.language_logits_of(states, attention_mask).softmax(-1)[:, 1:]
+            thoughts = thoughts + torch.einsum("bl,lkd->bkd", languages.to(thoughts.dtype), self.language_offsets)
+        return (thoughts, *copy) if return_copy else thoughts
+
+    def language_logits_of(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + L] logits of which response language the summary asks for (column 0: none) from its encoder states."""
+        score = self.language_score(states).squeeze(-1).masked_fill(attention_mask == 0, float("-inf"))
+        pooled = (score.softmax(-1).unsqueeze(-1) * states).sum(1)
+        return self.language_head(pooled)
+
+    def language_logits(self, summaries: Sequence[str]) -> torch.Tensor:
+        """[B, 1 + L] logits of which response language each summary asks for (column 0: none)."""
+        batch = self.tokenize(summaries)
+        states = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.language_logits_of(states, batch["attention_mask"])
+
+    def _thoughts(self, states: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None,
+                  copy_align: torch.Tensor | None) -> tuple:
+        """The thoughts before any language offset: (thoughts,), or with copy thoughts (thoughts, picks, gate logits)."""
         q = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
         attended, _ = self.attn(self.norm_q(q), states, states, key_padding_mask=attention_mask == 0, need_weights=False)
         x = q + attended
         x = x + self.mlp(self.norm_x(x))
         thoughts = F.normalize(self.projector(x), dim=-1) * (self.config.thought_norm * self.log_gain.exp())
         if not self.config.copy_thoughts:
-            return thoughts
+            return (thoughts,)
         values = self.copy_table[copy_ids].float()  # the backbone's own embeddings of the summary's tokens
         picks, gate_logits = self.copy_attention(states, attention_mask, values, copy_align)
         copied = gate_logits.sigmoid().unsqueeze(-1) * (picks @ values)
-        thoughts = torch.cat([thoughts, copied], dim=1)
-        return (thoughts, picks, gate_logits) if return_copy else thoughts
+        return torch.cat([thoughts, copied], dim=1), picks, gate_logits
 
     def copy_attention(self, states: torch.Tensor, attention_mask: torch.Tensor, values: torch.Tensor,
                        align: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,16 +414,19 @@ class SoftThoughtAux(nn.Module):
         """Where the thoughts go in a prompt and who reads them (`splice.Placement`)."""
         return self.config.placement
 
-    def encode(self, summaries: Sequence[str]) -> torch.Tensor:
-        """Soft thoughts for each summary, [B, K, backbone_hidden] (float32)."""
+    def encode(self, summaries: Sequence[str], languages: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft thoughts for each summary, [B, K, backbone_hidden] (float32); `languages` as in `forward`."""
         batch = self.tokenize(summaries)
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"))
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"),
+                    languages=languages)
 
-    def encode_copy(self, summaries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    def encode_copy(self, summaries: Sequence[str], languages: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """For training copy thoughts: the thoughts, `copy_attention`'s picks and gate logits, and each summary's
         backbone-token character offsets."""
         batch = self.tokenize(summaries)
-        out = self(batch["input_ids"], batch["attention_mask"], batch["copy_ids"], batch["copy_align"], return_copy=True)
+        out = self(batch["input_ids"], batch["attention_mask"], batch["copy_ids"], batch["copy_align"], return_copy=True,
+                   languages=languages)
         return (*out, batch["copy_offsets"])
 
     # ----------------------------------------------------------------- checkpoints

@@ -81,6 +81,8 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, guidance=11), r"guidance must be in \[0, 10\]"),
         (lambda d: _edit_config(d, guidance="2"), "guidance must be of type float"),
         (lambda d: _edit_config(d, guidance_gate=-0.5), "guidance_gate must be >= 0"),
+        (lambda d: _edit_config(d, languages=["fr", "fr"]), "languages must be distinct"),
+        (lambda d: _edit_config(d, languages=["fr"]), "does not match"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):
@@ -225,3 +227,28 @@ def test_the_frozen_backbone_itself_can_read_the_summary(smollm):
     with torch.no_grad():
         th = aux.encode(SUMMARIES)
     assert th.shape == (2, 2, smollm.hidden_size) and not torch.allclose(th[0], th[1])
+
+
+def test_languages_start_as_the_checkpoint_and_round_trip(tiny, tmp_path):
+    from softthought.aux_model import CopySource
+
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2).eval()
+    with torch.no_grad():
+        before = aux.encode(SUMMARIES)
+    aux.add_languages(["de", "fr"])
+    with pytest.raises(CheckpointError, match="already has languages"):
+        aux.add_languages(["it"])
+    with pytest.raises(CheckpointError, match="before languages"):  # the offsets are sized for every thought
+        aux.add_copy_thoughts(1, CopySource.of(tiny))
+    with torch.no_grad():
+        assert torch.equal(aux.encode(SUMMARIES), before)  # zero offsets: the same thoughts as before
+        assert aux.language_logits(SUMMARIES).softmax(-1)[:, 0].min() > 0.99  # none, at first
+        aux.language_offsets[1].fill_(0.5)
+        forced = aux.encode(SUMMARIES, torch.tensor([[0.0, 1.0]] * len(SUMMARIES)))
+        assert torch.allclose(forced - before, torch.full_like(before, 0.5))  # French's offset on every thought
+    aux.save_pretrained(tmp_path)
+    loaded = SoftThoughtAux.from_pretrained(tmp_path, backbone=tiny).eval()
+    assert loaded.config.languages == ["de", "fr"]
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))

@@ -81,10 +81,11 @@ def soft_reading(aux: SoftThoughtAux | None, guidance: float | None, gate: float
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
                     run: InProcess | RayWorkers | None = None, guidance: float | None = None,
-                    guidance_gate: float | None = None) -> dict:
+                    guidance_gate: float | None = None, reuse: dict | None = None) -> dict:
     """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
     replies are generated (`eval_workers`; here by default). `guidance`, `guidance_gate`: the soft replies' reading
-    of the thoughts (`SamplingParams`, the plain prompt guiding; `soft_reading`)."""
+    of the thoughts (`SamplingParams`, the plain prompt guiding; `soft_reading`). `reuse`: an earlier result whose
+    conditions that read no thoughts (none, text) are kept when it answered the same pairs the same way."""
     run = run or InProcess(backbone)
     reading = soft_reading(aux, guidance, guidance_gate)
     guidance = reading["guidance"]
@@ -96,8 +97,14 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
     report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
                     "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed, **reading,
                     "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs]}
-    samples = []
+    same = reuse is not None and all(reuse.get(k) == report[k] for k in
+                                     ("format_version", "pairs", "max_new_tokens", "seed", "backbone_fingerprint"))
+    kept = {c for c in ("none", "text") if same and c in conditions and c in reuse}
+    samples = [s for s in reuse["samples"] if s["condition"] in kept] if kept else []
     for cond in conditions:
+        if cond in kept:
+            report[cond] = reuse[cond]
+            continue
         built = []
         for u, p in pairs:
             user_msg = [{"role": "user", "content": p}]

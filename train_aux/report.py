@@ -103,16 +103,19 @@ def collect(args) -> dict:
     res["dev_split"] = (data / "dev_users.jsonl").exists()
     pers_settings = {"seed": args.seed, "max_new_tokens": args.max_new_tokens, "pairs_per_user": args.pairs_per_user,
                      "format_version": PERSONALIZATION_FORMAT}
+    # a new aux scores its thoughts again; the replies without them (none, text) are kept from the last run
     res["pers"] = _run(out / "personalization.json", args.rerun, lambda: personalization(
-        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed), aux.version,
+        backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
+        reuse=None if args.rerun else _recorded(out / "personalization.json")), aux.version,
         backbone_fingerprint=backbone.fingerprint, users=users_digest(users), **pers_settings)
     for name, (file, _) in HELD_OUT_SETS.items():
         if (data / file).exists():
             held = read_jsonl(data / file)
-            res[f"pers_{name}"] = _run(out / f"personalization_{name}.json", args.rerun, lambda held=held: personalization(
+            path = out / f"personalization_{name}.json"
+            res[f"pers_{name}"] = _run(path, args.rerun, lambda held=held, path=path: personalization(
                 backbone, aux, held, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
-                conditions=("none", "text", "soft")), aux.version, backbone_fingerprint=backbone.fingerprint,
-                users=users_digest(held), **pers_settings)
+                conditions=("none", "text", "soft"), reuse=None if args.rerun else _recorded(path)), aux.version,
+                backbone_fingerprint=backbone.fingerprint, users=users_digest(held), **pers_settings)
     ifeval_settings = {"asked_n": args.ifeval_n, "max_new_tokens": args.ifeval_max_new_tokens, "seed": args.seed,
                        "users": users_digest(users)}
     res["ifeval"] = _run(out / "ifeval.json", args.rerun, lambda: instruction_following(

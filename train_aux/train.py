@@ -74,6 +74,16 @@ class TrainConfig(BaseModel):
     # The share of examples drawn from users with a response language; None: as often as the users hold one (about
     # 9 % of the broad data's), too rarely to move a reply's first token off English in a phase.
     language_share: float | None = Field(None, gt=0, lt=1)
+    # Grow (on a checkpoint without them) an offset to every thought for each language of language_answers.jsonl, and
+    # the head that weighs them (`AuxConfig.languages`): teacher forced in training (each example's own language),
+    # the head's probabilities when served.
+    add_languages: bool = False
+    # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
+    language_weight: float = 1.0
+    language_batch: int = Field(32, ge=1)
+    # What the phase trains: the whole auxiliary model, or only the languages' offsets and head (every other weight,
+    # and so every summary's thoughts without a language, as they were).
+    trains: Literal["all", "languages"] = "all"
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -154,6 +164,8 @@ class TrainConfig(BaseModel):
             raise ValueError("read_steps trains the probe alone: it needs probe_weight > 0 and probe_batch > 0")
         if self.read_steps >= self.steps:
             raise ValueError("read_steps must leave steps for generation")
+        if self.trains == "languages" and self.probe_weight > 0:
+            raise ValueError("trains: languages leaves the thoughts the probe reads as they were: set probe_weight 0")
         return self
 
 
@@ -520,13 +532,13 @@ def choice_loss(backbone: Backbone, thoughts: torch.Tensor, items: list[list[tup
 
 
 #: The loss's terms, in the order their sums and counts travel between workers.
-TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "choice", "unlikelihood", "own")
+TERMS = ("target", "copy_pointer", "copy_gates", "probe", "preserve", "choice", "unlikelihood", "own", "language")
 
 
 def term_weights(cfg: TrainConfig) -> dict[str, float]:
     return {"target": 1.0, "copy_pointer": cfg.copy_weight, "copy_gates": cfg.copy_weight, "probe": cfg.probe_weight,
             "preserve": cfg.preserve_weight, "choice": cfg.choice_weight, "unlikelihood": cfg.rollout_weight,
-            "own": cfg.own_weight}
+            "own": cfg.own_weight, "language": cfg.language_weight}
 
 
 def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, Term]]:
@@ -534,11 +546,27 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
     all of it (the encoder is small beside the backbone): the encoder's dropout then draws the same masks, from the
     same seed, as one worker would, and any split of the batch sees the same thoughts."""
     summaries = [ex.summary for ex in batch]
+    own = language_targets(aux, [ex.checks for ex in batch])
+    languages = F.one_hot(own, len(aux.config.languages) + 1)[:, 1:].float() if aux.config.languages else None
     if not aux.config.copy_thoughts:
-        return aux.encode(summaries), {}
-    thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries)
+        return aux.encode(summaries, languages), {}
+    thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries, languages)
     targets = [copy_targets(batch[i].summary, batch[i].copy_strings, offsets[i], aux.config.copy_thoughts) for i in rows]
     return thoughts, copy_terms(picks[rows], gate_logits[rows], targets)
+
+
+def language_targets(aux: SoftThoughtAux, checks: list[list[dict]]) -> torch.Tensor:
+    """Each user's response language as the language head's class: 0 for none (or one the checkpoint has no offset
+    for), else 1 + its index in `AuxConfig.languages`."""
+    codes = aux.config.languages
+    return torch.tensor([1 + codes.index(lang) if (lang := _language({"checks": c})) in codes else 0 for c in checks],
+                        device=aux.device)
+
+
+def language_term(aux: SoftThoughtAux, users: list[dict]) -> Term:
+    """The language head's cross-entropy, summed over `users`' summaries."""
+    logits = aux.language_logits([u["summary"] for u in users])
+    return Term(F.cross_entropy(logits, language_targets(aux, [u["checks"] for u in users]), reduction="sum"), len(users))
 
 
 def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], rows: list[int], thoughts: torch.Tensor,
@@ -586,7 +614,8 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
 def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cfg: TrainConfig, params: list[torch.Tensor],
                shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Module | None = None,
                labels: list[str] | None = None, texts: list[list[int]] | None = None,
-               engine: Engine | None = None, probing: list[dict] | None = None, choices: list | None = None) -> dict[str, float]:
+               engine: Engine | None = None, probing: list[dict] | None = None, choices: list | None = None,
+               heading: list[dict] | None = None) -> dict[str, float]:
     """Set the gradient of `params` (every worker's the same) to that of the loss of the global `batch`, this worker
     computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
@@ -594,7 +623,8 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     the whole batch's loss, target tokens, rollout tokens and repeats, own targets, the seconds this worker waited
     for the slowest one, those it then spent in the all-reduces, and each term's mean (unweighted). With `probing`
     (users), the probe reads their summaries' thoughts instead of the batch's (every worker all of them, as it does
-    the batch's); with an empty `batch` (`read_steps`), that term is the only one."""
+    the batch's); with an empty `batch` (`read_steps`), that term is the only one. `heading` (users): the summaries
+    the language head's term reads."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
@@ -618,6 +648,8 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
             once["probe"] = probe_term(probe, aux.encode([u["summary"] for u in probing]), [u["checks"] for u in probing], labels)
         elif probe is not None:
             once["probe"] = probe_term(probe, thoughts[mine], [batch[i].checks for i in mine], labels)
+        if heading:
+            once["language"] = language_term(aux, heading)
     add(once)
     size = micro_batch or max(1, len(mine))
     for at in range(0, len(mine), size):
@@ -661,7 +693,7 @@ def make_optimizer(aux: SoftThoughtAux, backbone: Backbone, cfg: TrainConfig,
     held = [p for g in optimizer.param_groups for p in g["params"]]
     assert not any(id(p) in backbone_ids for p in held), "a backbone parameter reached the optimizer"
     probe_ids = {id(p) for p in probe.parameters()} if probe is not None else set()
-    assert {id(p) for p in held} == {id(p) for p in aux.trainable_parameters()} | probe_ids
+    assert {id(p) for p in held} == {id(p) for p in aux.trainable_parameters() if p.requires_grad} | probe_ids
     return optimizer
 
 
@@ -711,6 +743,14 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         aux = SoftThoughtAux.for_backbone(backbone, num_thoughts=cfg.num_thoughts, copy_thoughts=cfg.copy_thoughts or 0,
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
         state, offset = None, 0
+    languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
+    if cfg.add_languages and not aux.config.languages:
+        aux.add_languages(sorted({row["language"] for row in languages}))
+    if cfg.trains == "languages":
+        if not aux.config.languages:
+            raise ValueError("trains: languages needs a checkpoint with languages (add_languages)")
+        for name, p in aux.named_parameters():
+            p.requires_grad_(name.startswith("language_"))
     if cfg.thoughts_seen_by:
         aux.config.thoughts_seen_by = cfg.thoughts_seen_by
     if cfg.thoughts_at:
@@ -721,7 +761,6 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     probe = make_probe(labels, aux, cfg).to(backbone.device) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
@@ -757,7 +796,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to through the whole run, closed at its end
         log.write(json.dumps({"event": "start", "step": start, "backbone_fingerprint": fingerprint,
-                              "trainable_params": sum(p.numel() for p in aux.trainable_parameters()),
+                              "trainable_params": sum(p.numel() for p in aux.trainable_parameters() if p.requires_grad),
                               "global_batch": cfg.batch_size, "micro_batch": micro_batch, "workers": workers}) + "\n")
     engine = Engine(backbone, max_batch_size=cfg.rollout_batch) if cfg.rollout_weight > 0 or cfg.own_weight > 0 else None
     t0, tokens, recent, repeats, owned, synced, waited = time.perf_counter(), 0, [], [], [], 0.0, 0.0
@@ -772,8 +811,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         choices = [examples.rng.choice(items) for _ in range(cfg.choice_batch)] if items and not reading else None
         rollout = engine if engine is not None and step % cfg.rollout_every == 0 and not reading else None
         probing = examples.probe_users(cfg.probe_batch, step) if probe is not None and cfg.probe_batch else None
+        heading = (examples.probe_users(cfg.language_batch, step)
+                   if aux.config.languages and cfg.language_weight > 0 and not reading else None)
         figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing,
-                             choices)
+                             choices, heading)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:

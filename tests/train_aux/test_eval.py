@@ -131,6 +131,16 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
         paired = report["paired"][f"{b}_minus_{a}"]
         assert paired["check_pass_rate"] == pytest.approx(report[b]["check_pass_rate"] - report[a]["check_pass_rate"])
         assert paired["all_pass_rate"] == pytest.approx(report[b]["all_pass_rate"] - report[a]["all_pass_rate"])
+    # another aux keeps the replies that read no thoughts when they answered the same pairs, and writes its own
+    other = SoftThoughtAux.for_backbone(tiny, num_thoughts=2).eval()
+    with torch.no_grad():
+        other.queries.mul_(50)
+    kept = personalization(tiny, other, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0, reuse=report)
+    assert kept["none"] is report["none"] and kept["text"] is report["text"]
+    fresh = personalization(tiny, other, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0)
+    assert kept["soft"]["passed"] == fresh["soft"]["passed"] and kept["paired"] == fresh["paired"]
+    moved = personalization(tiny, other, users, ["Hello there.", "Tell me about the sea."], 1, 7, 0, reuse=report)
+    assert moved["text"] is not report["text"]  # other replies (another length): generated again
     result = general(tiny, aux, users, ["piqa"], 6, 0)
     assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
     assert set(result["piqa"]["soft_gold_margin"]) >= {"slope", "shift", "shift_se", "shift_pct"}

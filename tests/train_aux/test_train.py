@@ -385,3 +385,40 @@ def test_the_probes_own_users_are_drawn_apart_from_the_stream():
     assert one.probe_users(5, 7) == two.probe_users(5, 7) != one.probe_users(5, 8)  # the same on resume and every worker
     assert len({u["user"] for u in one.probe_users(5, 7)}) == 5
     assert [one.sample().summary for _ in range(10)] == [two.sample().summary for _ in range(10)]  # the stream is untouched
+
+
+def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir, tiny_dir, tiny):
+    from train_aux.data import write_jsonl
+
+    speakers = [{"user": f"fr{i}", "summary": f"Réponds toujours en français, s'il te plaît ({i}).",
+                 "checks": [{"instruction_id": "language:response_language", "kwargs": {"language": "fr"}}]} for i in range(6)]
+    users = [json.loads(line) for line in (data_dir / "train_users.jsonl").read_text().splitlines()]
+    write_jsonl(data_dir / "train_users.jsonl", users + speakers)
+    opening = "Bien sûr ! "
+    write_jsonl(data_dir / "language_answers.jsonl", [{"prompt": f"Tell me about topic {i}.", "language": "fr", "opening": opening,
+                                                       "answer": opening + "Le renard brun saute."} for i in range(10)])
+    cfg = load_config(None, dict(backbone=tiny_dir, dtype="float32", data_dir=str(data_dir), out=str(tmp_path / "a"),
+                                 num_thoughts=2, steps=1, batch_size=2, log_every=1))
+    base = train(cfg)
+    grown = train(cfg.model_copy(update={"init": str(base), "add_languages": True, "trains": "languages",
+                                         "out": str(tmp_path / "b"), "steps": 25, "lr": 2e-2, "batch_size": 4,
+                                         "language_share": 0.5, "language_batch": 12, "warmup_steps": 1}))
+    before = SoftThoughtAux.from_pretrained(base, backbone=tiny).eval()
+    after = SoftThoughtAux.from_pretrained(grown, backbone=tiny).eval()
+    assert after.config.languages == ["fr"]
+    old, new = before.persistent_state_dict(), after.persistent_state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)  # nothing but the languages' weights moved
+    assert {k for k in new if k not in old} == {k for k in new if k.startswith("language_")}
+    events = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    language = [e["terms"]["language"] for e in events if "loss" in e]
+    assert language[-1] < language[0] / 2  # the head learns who asked for French
+    assert events[-1]["backbone_fingerprint_after"] == tiny.fingerprint
+    with torch.no_grad():
+        asked, plain = [speakers[0]["summary"]], [u["summary"] for u in users[:4]]
+        assert after.language_logits(asked).argmax(-1).tolist() == [1]
+        assert after.language_logits(plain).argmax(-1).tolist() == [0] * 4
+        # the French offset reaches the speaker's thoughts; the others' barely move
+        moved = (after.encode(asked) - before.encode(asked)).norm()
+        assert (after.encode(plain) - before.encode(plain)).norm(dim=(1, 2)).max() < moved / 5
+    with pytest.raises(ValueError, match="probe_weight"):
+        load_config(None, {"trains": "languages", "probe_weight": 0.5})
