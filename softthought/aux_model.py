@@ -9,8 +9,8 @@ tokens, chosen by attention over the encoder's states: a word or phrase the user
 "use the word lantern") can reach the backbone as the very token it would read, which no projection learned from a
 few hundred words can write for a word it never saw.
 
-Optionally (`languages`) each response language has its own learned offset to every thought, weighed by a head that
-reads which language, if any, the summary asks for: a reply whose first words are in another language is a shift that
+Optionally (`languages`) each response language has its own learned offset to every thought, added when a head that
+reads which language, if any, the summary asks for chooses it: a reply whose first words are in another language is a shift that
 a projection shared by every preference did not learn from the few examples of each language training holds.
 """
 
@@ -66,6 +66,9 @@ class AuxConfig:
     num_thoughts: int = 8
     copy_thoughts: int = 0  # further thoughts mixed from the backbone's embeddings of the summary's own tokens
     languages: list[str] = field(default_factory=list)  # response languages (IFEval codes) with their own offset
+    # The head names a language only when it gives all of them together more than this: a wrong language costs a user
+    # every other preference they wrote, a missed one the language alone.
+    language_confidence: float = 0.5
     num_heads: int = 6
     mlp_ratio: int = 2
     encoder_training: str = "frozen"  # frozen | lora | full
@@ -95,6 +98,8 @@ class AuxConfig:
             raise CheckpointError(f"copy_thoughts must be in 0..64, got {self.copy_thoughts}")
         if len(set(self.languages)) != len(self.languages) or not all(isinstance(x, str) and x for x in self.languages):
             raise CheckpointError(f"languages must be distinct non-empty codes, got {self.languages!r}")
+        if not 0 <= self.language_confidence < 1:
+            raise CheckpointError(f"language_confidence must be in [0, 1), got {self.language_confidence}")
         if self.encoder_training not in ENCODER_TRAINING:
             raise CheckpointError(f"encoder_training must be one of {ENCODER_TRAINING}, got {self.encoder_training!r}")
         if self.thoughts_seen_by not in THOUGHTS_SEEN_BY:
@@ -261,6 +266,13 @@ class SoftThoughtAux(nn.Module):
         self.language_head = nn.Linear(e, n + 1)
         with torch.no_grad():
             self.language_head.bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
+        if self.config.copy_thoughts:
+            # and off the backbone's own embeddings of the summary's tokens, pooled the same way: the encoder (English)
+            # tells "allemand" or "Französisch" apart less well than the backbone's table does
+            d = self.config.backbone_hidden
+            self.language_table_score = nn.Linear(d, 1)
+            self.language_table_head = nn.Linear(d, n + 1, bias=False)
+            nn.init.zeros_(self.language_table_head.weight)
         # zero at first: a checkpoint that grows languages makes the same thoughts as before
         self.language_offsets = nn.Parameter(torch.zeros(n, self.config.total_thoughts, self.config.backbone_hidden))
 
@@ -321,26 +333,33 @@ class SoftThoughtAux(nn.Module):
         """[B, T] encoder tokens -> [B, K, backbone_hidden] thoughts; with copy thoughts, also the summary's backbone
         tokens [B, S] and which encoder tokens each overlaps [B, S, T] (`tokenize`), -> [B, K + copy, hidden].
         `return_copy`: (thoughts, `copy_attention`'s picks, its gate logits), for training. `languages` [B, L]: how
-        much of each language's offset to add, in place of the head's probabilities (training: the user's own)."""
+        much of each language's offset to add, in place of the head's choice (training: the user's own)."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         thoughts, *copy = self._thoughts(states, attention_mask, copy_ids, copy_align)
         if self.config.languages:
-            if languages is None:
-                languages = self.language_logits_of(states, attention_mask).softmax(-1)[:, 1:]
+            if languages is None:  # the head's choice, whole, as training adds it: none leaves the thoughts as they are
+                p = self.language_logits_of(states, attention_mask, copy_ids, copy_align).softmax(-1)
+                named = (1 - p[:, :1]) > self.config.language_confidence
+                languages = F.one_hot(p[:, 1:].argmax(-1), len(self.config.languages)) * named
             thoughts = thoughts + torch.einsum("bl,lkd->bkd", languages.to(thoughts.dtype), self.language_offsets)
         return (thoughts, *copy) if return_copy else thoughts
 
-    def language_logits_of(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + L] logits of which response language the summary asks for (column 0: none) from its encoder states."""
-        score = self.language_score(states).squeeze(-1).masked_fill(attention_mask == 0, float("-inf"))
-        pooled = (score.softmax(-1).unsqueeze(-1) * states).sum(1)
-        return self.language_head(pooled)
+    def language_logits_of(self, states: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None = None,
+                           copy_align: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1 + L] logits of which response language the summary asks for (column 0: none) from its encoder states
+        and, with copy thoughts, the backbone's embeddings of its tokens (`tokenize`)."""
+        logits = self.language_head(_pooled(states, self.language_score(states), attention_mask != 0))
+        if self.config.copy_thoughts:
+            values = self.copy_table[copy_ids].float()
+            logits = logits + self.language_table_head(_pooled(values, self.language_table_score(values),
+                                                               copy_align.sum(-1) > 0))
+        return logits
 
     def language_logits(self, summaries: Sequence[str]) -> torch.Tensor:
         """[B, 1 + L] logits of which response language each summary asks for (column 0: none)."""
         batch = self.tokenize(summaries)
         states = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.language_logits_of(states, batch["attention_mask"])
+        return self.language_logits_of(states, batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"))
 
     def _thoughts(self, states: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None,
                   copy_align: torch.Tensor | None) -> tuple:
@@ -484,6 +503,13 @@ class SoftThoughtAux(nn.Module):
         return model
 
 
+def _pooled(x: torch.Tensor, score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B, H]: `x` averaged with the softmax of `score` [B, T, 1] over the `valid` [B, T] positions (zeros
+    where none is)."""
+    weights = score.squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (weights.unsqueeze(-1) * x).sum(1)
+
+
 def read_config(directory: Path) -> AuxConfig:
     path = Path(directory) / CONFIG_NAME
     try:
@@ -510,8 +536,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _version(weights: Path, config: AuxConfig) -> str:
     """sha256 of the weights, and of where and how the thoughts are read when that is not the original way: the same
-    weights read by the reply only, placed elsewhere or guided make other replies, so they are another version (every
-    earlier one is kept)."""
+    weights read by the reply only, placed elsewhere, guided or naming languages at another confidence make other
+    replies, so they are another version (every earlier one is kept)."""
     h = hashlib.sha256(weights.read_bytes())
     if config.thoughts_seen_by != "all":
         h.update(f"thoughts_seen_by={config.thoughts_seen_by}".encode())
@@ -521,4 +547,6 @@ def _version(weights: Path, config: AuxConfig) -> str:
         h.update(f"guidance={config.guidance}".encode())
     if config.guidance_gate:
         h.update(f"guidance_gate={config.guidance_gate}".encode())
+    if config.languages and config.language_confidence != 0.5:
+        h.update(f"language_confidence={config.language_confidence}".encode())
     return h.hexdigest()[:12]

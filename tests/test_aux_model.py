@@ -83,6 +83,7 @@ def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(aux
         (lambda d: _edit_config(d, guidance_gate=-0.5), "guidance_gate must be >= 0"),
         (lambda d: _edit_config(d, languages=["fr", "fr"]), "languages must be distinct"),
         (lambda d: _edit_config(d, languages=["fr"]), "does not match"),
+        (lambda d: _edit_config(d, language_confidence=1.0), r"language_confidence must be in \[0, 1\)"),
     ],
 )
 def test_bad_checkpoints_are_refused_with_a_message(aux_dir, tmp_path, smollm, damage, message):
@@ -233,22 +234,40 @@ def test_languages_start_as_the_checkpoint_and_round_trip(tiny, tmp_path):
     from softthought.aux_model import CopySource
 
     torch.manual_seed(0)
-    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2).eval()
+    bare = SoftThoughtAux.for_backbone(tiny, num_thoughts=2)
+    bare.add_languages(["de"])
+    with pytest.raises(CheckpointError, match="before languages"):  # the offsets are sized for every thought
+        bare.add_copy_thoughts(1, CopySource.of(tiny))
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=1).eval()  # the head reads the table too
     with torch.no_grad():
+        aux.copy_gate.bias.fill_(0.0)
         before = aux.encode(SUMMARIES)
     aux.add_languages(["de", "fr"])
     with pytest.raises(CheckpointError, match="already has languages"):
         aux.add_languages(["it"])
-    with pytest.raises(CheckpointError, match="before languages"):  # the offsets are sized for every thought
-        aux.add_copy_thoughts(1, CopySource.of(tiny))
     with torch.no_grad():
         assert torch.equal(aux.encode(SUMMARIES), before)  # zero offsets: the same thoughts as before
         assert aux.language_logits(SUMMARIES).softmax(-1)[:, 0].min() > 0.99  # none, at first
         aux.language_offsets[1].fill_(0.5)
+        aux.language_table_head.weight.normal_()  # the table's part of the logits counts
+        with_table = aux.language_logits(SUMMARIES)
+        aux.language_table_head.weight.zero_()
+        assert not torch.allclose(with_table, aux.language_logits(SUMMARIES))
         forced = aux.encode(SUMMARIES, torch.tensor([[0.0, 1.0]] * len(SUMMARIES)))
         assert torch.allclose(forced - before, torch.full_like(before, 0.5))  # French's offset on every thought
+        assert torch.equal(aux.encode(SUMMARIES), before)  # the head chooses none: not a trace of any offset
+        aux.language_head.weight.zero_()  # the bias alone decides
+        aux.language_head.bias.copy_(torch.tensor([0.0, 0.0, 9.0]))
+        assert torch.allclose(aux.encode(SUMMARIES), forced)  # it chooses French: the whole offset, as in training
+        aux.language_head.bias.copy_(torch.tensor([0.0, -2.0, 0.5]))  # French, but a language at all only p = 0.64
+        assert torch.allclose(aux.encode(SUMMARIES), forced)
+        aux.config.language_confidence = 0.8
+        assert torch.equal(aux.encode(SUMMARIES), before)  # not sure enough: no language
     aux.save_pretrained(tmp_path)
     loaded = SoftThoughtAux.from_pretrained(tmp_path, backbone=tiny).eval()
-    assert loaded.config.languages == ["de", "fr"]
+    assert loaded.config.languages == ["de", "fr"] and loaded.config.language_confidence == 0.8
     with torch.no_grad():
         assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))
+    aux.config.language_confidence = 0.5
+    aux.save_pretrained(tmp_path / "default")
+    assert loaded.version != aux.version  # the same weights naming languages more often: another version

@@ -52,6 +52,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
+from .users import make_users
 
 
 class TrainConfig(BaseModel):
@@ -81,9 +82,12 @@ class TrainConfig(BaseModel):
     # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
     language_weight: float = 1.0
     language_batch: int = Field(32, ge=1)
-    # What the phase trains: the whole auxiliary model, or only the languages' offsets and head (every other weight,
-    # and so every summary's thoughts without a language, as they were).
-    trains: Literal["all", "languages"] = "all"
+    # Users generated with the training phrasings (`users.make_users`) that the head draws from beside the data's
+    # training users: a head fitted on a few hundred speakers learns their summaries rather than the request.
+    language_users: int = Field(0, ge=0)
+    # What the phase trains: the whole auxiliary model; only the languages' offsets and head (every other weight, and
+    # so every summary's thoughts without a language, as they were); or the head alone (no backbone in the loop).
+    trains: Literal["all", "languages", "language_head"] = "all"
     encoder_training: str = "lora"
     lora_r: int = 8
     steps: int = 300
@@ -164,8 +168,8 @@ class TrainConfig(BaseModel):
             raise ValueError("read_steps trains the probe alone: it needs probe_weight > 0 and probe_batch > 0")
         if self.read_steps >= self.steps:
             raise ValueError("read_steps must leave steps for generation")
-        if self.trains == "languages" and self.probe_weight > 0:
-            raise ValueError("trains: languages leaves the thoughts the probe reads as they were: set probe_weight 0")
+        if self.trains != "all" and self.probe_weight > 0:
+            raise ValueError(f"trains: {self.trains} leaves the thoughts the probe reads as they were: set probe_weight 0")
         return self
 
 
@@ -746,11 +750,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
     if cfg.add_languages and not aux.config.languages:
         aux.add_languages(sorted({row["language"] for row in languages}))
-    if cfg.trains == "languages":
+    if cfg.trains != "all":
         if not aux.config.languages:
-            raise ValueError("trains: languages needs a checkpoint with languages (add_languages)")
+            raise ValueError(f"trains: {cfg.trains} needs a checkpoint with languages (add_languages)")
         for name, p in aux.named_parameters():
-            p.requires_grad_(name.startswith("language_"))
+            p.requires_grad_(name.startswith("language_") and (cfg.trains == "languages" or name != "language_offsets"))
     if cfg.thoughts_seen_by:
         aux.config.thoughts_seen_by = cfg.thoughts_seen_by
     if cfg.thoughts_at:
@@ -762,6 +766,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
+    speakers = examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),
@@ -805,14 +810,14 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     for step in bar:
         for g, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             g["lr"] = base * lr_factor(step, cfg)
-        reading = step < cfg.read_steps  # the probe alone: no batch, no backbone
+        reading = step < cfg.read_steps or cfg.trains == "language_head"  # the probe or head alone: no backbone
         batch = [] if reading else [examples.sample() for _ in range(cfg.batch_size)]
         preserve = [examples.rng.choice(texts) for _ in range(cfg.preserve_batch)] if texts and not reading else None
         choices = [examples.rng.choice(items) for _ in range(cfg.choice_batch)] if items and not reading else None
         rollout = engine if engine is not None and step % cfg.rollout_every == 0 and not reading else None
         probing = examples.probe_users(cfg.probe_batch, step) if probe is not None and cfg.probe_batch else None
-        heading = (examples.probe_users(cfg.language_batch, step)
-                   if aux.config.languages and cfg.language_weight > 0 and not reading else None)
+        heading = (random.Random(f"{cfg.seed}-head-{step}").sample(speakers, min(cfg.language_batch, len(speakers)))
+                   if aux.config.languages and cfg.language_weight > 0 else None)
         figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing,
                              choices, heading)
         if figures["rollout_tokens"]:
