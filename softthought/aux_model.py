@@ -9,9 +9,9 @@ tokens, chosen by attention over the encoder's states: a word or phrase the user
 "use the word lantern") can reach the backbone as the very token it would read, which no projection learned from a
 few hundred words can write for a word it never saw.
 
-Optionally (`languages`) each response language has its own learned offset to every thought, added when a head that
-reads which language, if any, the summary asks for chooses it: a reply whose first words are in another language is a shift that
-a projection shared by every preference did not learn from the few examples of each language training holds.
+Optionally (`languages`) each response language has its own learned offset to every thought, added when a head
+that reads which language, if any, the summary asks for names it: a reply whose first words are in another language
+is a shift that a projection shared by every preference did not learn from the few examples of each language.
 """
 
 from __future__ import annotations
