@@ -76,8 +76,8 @@ class TrainConfig(BaseModel):
     # 9 % of the broad data's), too rarely to move a reply's first token off English in a phase.
     language_share: float | None = Field(None, gt=0, lt=1)
     # Grow (on a checkpoint without them) an offset to every thought for each language of language_answers.jsonl, and
-    # the head that weighs them (`AuxConfig.languages`): teacher forced in training (each example's own language),
-    # the head's probabilities when served.
+    # the head that names them (`AuxConfig.languages`): teacher forced in training (each example's own language),
+    # the head's choice when served.
     add_languages: bool = False
     # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
     language_weight: float = 1.0
@@ -285,10 +285,11 @@ class Examples:
         for row in language_answers:
             if not is_loop(row["answer"]):
                 self.by_language.setdefault(row["language"], []).append(row)
-        self.users = [u for u in users if (lang := _language(u)) is None or lang in self.by_language]
+        self.users = [u for u in users if (lang := _language(u["checks"])) is None or lang in self.by_language]
         self.language_share = language_share
         # users without and with a response language, drawn apart when language_share is set
-        self.pools = ([u for u in self.users if _language(u) is None], [u for u in self.users if _language(u) is not None])
+        self.pools = ([u for u in self.users if _language(u["checks"]) is None],
+                      [u for u in self.users if _language(u["checks"]) is not None])
         self.rng = random.Random(seed)
         self.seed = seed
 
@@ -304,7 +305,7 @@ class Examples:
     def sample(self) -> Example:
         while True:
             user = self._user()
-            lang = _language(user)
+            lang = _language(user["checks"])
             row = self.rng.choice(self.by_language[lang] if lang else self.answers)
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
             if target is not None and not is_loop(target):
@@ -352,8 +353,8 @@ def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[lis
             "copy_gates": Term(F.binary_cross_entropy_with_logits(gate_logits, gates, reduction="sum"), gates.numel())}
 
 
-def _language(user: dict) -> str | None:
-    return next((c["kwargs"]["language"] for c in user["checks"] if c["instruction_id"] == "language:response_language"), None)
+def _language(checks: list[dict]) -> str | None:
+    return next((c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"), None)
 
 
 def edited_chars(source: str, target: str) -> list[bool]:
@@ -563,7 +564,7 @@ def language_targets(aux: SoftThoughtAux, checks: list[list[dict]]) -> torch.Ten
     """Each user's response language as the language head's class: 0 for none (or one the checkpoint has no offset
     for), else 1 + its index in `AuxConfig.languages`."""
     codes = aux.config.languages
-    return torch.tensor([1 + codes.index(lang) if (lang := _language({"checks": c})) in codes else 0 for c in checks],
+    return torch.tensor([1 + codes.index(lang) if (lang := _language(c)) in codes else 0 for c in checks],
                         device=aux.device)
 
 
