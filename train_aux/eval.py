@@ -193,13 +193,15 @@ def fits(user: dict, item: dict) -> bool:
 
 def instruction_following(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], n: int, max_new_tokens: int,
                           seed: int, batch: int = 16, run: InProcess | RayWorkers | None = None,
-                          guidance: float | None = None, guidance_gate: float | None = None) -> dict:
+                          guidance: float | None = None, guidance_gate: float | None = None,
+                          reuse: dict | None = None) -> dict:
     """IFEval prompt-level strict accuracy of the plain backbone and of the backbone reading a user's thoughts, on the
     same held-out prompts, paired item by item: each prompt is answered with the thoughts of one user whose
     preferences do not contradict its own instructions (`fits`), and judged on the prompt's instructions only. `run`:
     where the replies are generated (`eval_workers`; here by default); `guidance`, `guidance_gate`: the soft replies'
     (`soft_reading`). Without `aux`, only the plain replies: a fine-tuned copy is paired with the plain backbone on
-    the same prompts, which depend on the users and seed only."""
+    the same prompts, which depend on the users and seed only. `reuse`: an earlier result whose plain replies are
+    kept when the same backbone answered the same prompts the same way."""
     run = run or InProcess(backbone)
     reading = soft_reading(aux, guidance, guidance_gate)
     guidance = reading["guidance"]
@@ -217,8 +219,12 @@ def instruction_following(backbone: Backbone, aux: SoftThoughtAux | None, users:
     conditions, placement = (("none",), OPENING) if aux is None else (("none", "soft"), aux.placement)
     thoughts = {} if aux is None else dict(zip((u["user"] for _, u in pairs), users_thoughts(aux, [u for _, u in pairs])))
     report: dict = {"n": len(pairs), "max_new_tokens": max_new_tokens, "seed": seed, "split": "eval", **reading,
-                    "pairs": [[item["key"], u["user"]] for item, u in pairs]}
+                    "backbone_fingerprint": backbone.fingerprint, "pairs": [[item["key"], u["user"]] for item, u in pairs]}
     for cond in conditions:
+        if cond == "none" and reuse is not None and all(reuse.get(k) == report[k] for k in
+                                                        ("pairs", "max_new_tokens", "seed", "backbone_fingerprint")):
+            report[cond] = reuse[cond]
+            continue
         built = [build_chat_prompt(tok, [{"role": "user", "content": item["prompt"]}],
                                    thoughts[u["user"]] if cond == "soft" else None, placement=placement,
                                    guided=guidance != 1)

@@ -119,7 +119,8 @@ def collect(args) -> dict:
     ifeval_settings = {"asked_n": args.ifeval_n, "max_new_tokens": args.ifeval_max_new_tokens, "seed": args.seed,
                        "users": users_digest(users)}
     res["ifeval"] = _run(out / "ifeval.json", args.rerun, lambda: instruction_following(
-        backbone, aux, users, args.ifeval_n, args.ifeval_max_new_tokens, args.seed), aux.version, **ifeval_settings)
+        backbone, aux, users, args.ifeval_n, args.ifeval_max_new_tokens, args.seed,
+        reuse=None if args.rerun else _recorded(out / "ifeval.json")), aux.version, **ifeval_settings)
     ft_n = args.ft_n or args.n
     for mode, steps in (("lora", args.lora_steps), ("full", args.full_steps)):
         cfg = FinetuneConfig(mode, steps, DEFAULT_LR[mode], seed=args.seed)

@@ -302,6 +302,12 @@ def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny
     plain = instruction_following(tiny, None, users, n=6, max_new_tokens=6, seed=0)
     assert plain["pairs"] == report["pairs"] and plain["none"] == report["none"]
     assert "soft" not in plain and "soft_minus_none" not in plain
+    # another aux keeps the plain replies of the same prompts, and only those
+    marked = {**report, "none": {**report["none"], "prompt_level_strict": -1.0}}  # which none the result took
+    kept = instruction_following(tiny, aux, users, n=6, max_new_tokens=6, seed=0, reuse=marked)
+    assert kept["none"]["prompt_level_strict"] == -1.0 and kept["soft"] == report["soft"]
+    other = instruction_following(tiny, aux, users, n=6, max_new_tokens=5, seed=0, reuse=marked)
+    assert other["none"]["prompt_level_strict"] >= 0
 
 
 def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
