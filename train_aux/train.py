@@ -551,8 +551,10 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
     all of it (the encoder is small beside the backbone): the encoder's dropout then draws the same masks, from the
     same seed, as one worker would, and any split of the batch sees the same thoughts."""
     summaries = [ex.summary for ex in batch]
-    own = language_targets(aux, [ex.checks for ex in batch])
-    languages = F.one_hot(own, len(aux.config.languages) + 1)[:, 1:].float() if aux.config.languages else None
+    languages = None
+    if aux.config.languages:  # each example adds its own language's offset (teacher forced)
+        own = language_targets(aux, [ex.checks for ex in batch])
+        languages = F.one_hot(own, len(aux.config.languages) + 1)[:, 1:].float()
     if not aux.config.copy_thoughts:
         return aux.encode(summaries, languages), {}
     thoughts, picks, gate_logits, offsets = aux.encode_copy(summaries, languages)
