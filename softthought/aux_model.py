@@ -46,6 +46,7 @@ THOUGHTS_AT = ("system", "end")
 COPY_GATE_SCALE = 10.0
 COPY_GATE_INIT = -4.0
 LANGUAGE_NONE_INIT = 6.0
+LANGUAGE_QUERIES = 4
 
 
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
@@ -69,6 +70,9 @@ class AuxConfig:
     # The head names a language only when it gives all of them together more than this: a wrong language costs a user
     # every other preference they wrote, a missed one the language alone.
     language_confidence: float = 0.5
+    # 0: the head is linear in one pooling of the summary's tokens; else LANGUAGE_QUERIES poolings read together by
+    # an MLP this wide, which can tell "answer in French" from "my wife is French" (a pooling alone sees "French")
+    language_head_hidden: int = 0
     num_heads: int = 6
     mlp_ratio: int = 2
     encoder_training: str = "frozen"  # frozen | lora | full
@@ -98,6 +102,8 @@ class AuxConfig:
             raise CheckpointError(f"copy_thoughts must be in 0..64, got {self.copy_thoughts}")
         if len(set(self.languages)) != len(self.languages) or not all(isinstance(x, str) and x for x in self.languages):
             raise CheckpointError(f"languages must be distinct non-empty codes, got {self.languages!r}")
+        if self.language_head_hidden < 0:
+            raise CheckpointError(f"language_head_hidden must be >= 0, got {self.language_head_hidden}")
         if not 0 <= self.language_confidence < 1:
             raise CheckpointError(f"language_confidence must be in [0, 1), got {self.language_confidence}")
         if self.encoder_training not in ENCODER_TRAINING:
@@ -259,22 +265,45 @@ class SoftThoughtAux(nn.Module):
         nn.init.constant_(self.copy_gate.bias, COPY_GATE_INIT / COPY_GATE_SCALE)
 
     def _build_languages(self) -> None:
-        e, n = self.config.encoder_hidden, len(self.config.languages)
+        self._build_language_head()
+        # zero at first: a checkpoint that grows languages makes the same thoughts as before
+        n = len(self.config.languages)
+        self.language_offsets = nn.Parameter(torch.zeros(n, self.config.total_thoughts, self.config.backbone_hidden))
+
+    def _build_language_head(self) -> None:
+        e, n, hidden = self.config.encoder_hidden, len(self.config.languages), self.config.language_head_hidden
+        q = LANGUAGE_QUERIES if hidden else 1
         # which language the summary asks for, read off the encoder's states pooled by a learned score per token (a
         # preference buried in a long summary is a few of its tokens): class 0 is none, at first almost surely
-        self.language_score = nn.Linear(e, 1)
-        self.language_head = nn.Linear(e, n + 1)
+        # and, with copy thoughts, off the backbone's own embeddings of the summary's tokens, pooled the same way: the
+        # encoder (English) tells "allemand" or "Französisch" apart less well than the backbone's table does
+        d = self.config.backbone_hidden if self.config.copy_thoughts else 0
+        self.language_score = nn.Linear(e, q)
+        if hidden:
+            if d:
+                self.language_table_score = nn.Linear(d, q)
+            self.language_head = nn.Sequential(nn.Linear(q * (e + d), hidden), nn.GELU(), nn.Linear(hidden, n + 1))
+            last = self.language_head[-1]
+        else:
+            self.language_head = last = nn.Linear(e, n + 1)
+            if d:
+                self.language_table_score = nn.Linear(d, q)
+                self.language_table_head = nn.Linear(d, n + 1, bias=False)
+                nn.init.zeros_(self.language_table_head.weight)
         with torch.no_grad():
-            self.language_head.bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
-        if self.config.copy_thoughts:
-            # and off the backbone's own embeddings of the summary's tokens, pooled the same way: the encoder (English)
-            # tells "allemand" or "Französisch" apart less well than the backbone's table does
-            d = self.config.backbone_hidden
-            self.language_table_score = nn.Linear(d, 1)
-            self.language_table_head = nn.Linear(d, n + 1, bias=False)
-            nn.init.zeros_(self.language_table_head.weight)
-        # zero at first: a checkpoint that grows languages makes the same thoughts as before
-        self.language_offsets = nn.Parameter(torch.zeros(n, self.config.total_thoughts, self.config.backbone_hidden))
+            last.bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
+
+    def new_language_head(self, hidden: int) -> None:
+        """Replace the language head by a fresh one `hidden` wide (0: linear), the offsets and all else kept."""
+        if not self.config.languages:
+            raise CheckpointError("the checkpoint has no languages")
+        for name in ("language_score", "language_table_score", "language_head", "language_table_head"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.config.language_head_hidden = hidden
+        self.config.validate()
+        self._build_language_head()
+        self.to(self.queries.device)
 
     def add_languages(self, codes: Sequence[str]) -> None:
         """Grow a checkpoint without response-language offsets by ones for `codes` (its other weights kept)."""
@@ -348,12 +377,14 @@ class SoftThoughtAux(nn.Module):
                            copy_align: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 1 + L] logits of which response language the summary asks for (column 0: none) from its encoder states
         and, with copy thoughts, the backbone's embeddings of its tokens (`tokenize`)."""
-        logits = self.language_head(_pooled(states, self.language_score(states), attention_mask != 0))
+        pooled = [_pooled(states, self.language_score(states), attention_mask != 0)]
         if self.config.copy_thoughts:
             values = self.copy_table[copy_ids].float()
-            logits = logits + self.language_table_head(_pooled(values, self.language_table_score(values),
-                                                               copy_align.sum(-1) > 0))
-        return logits
+            pooled.append(_pooled(values, self.language_table_score(values), copy_align.sum(-1) > 0))
+        if self.config.language_head_hidden:
+            return self.language_head(torch.cat([x.flatten(1) for x in pooled], -1))
+        logits = self.language_head(pooled[0][:, 0])
+        return logits + self.language_table_head(pooled[1][:, 0]) if len(pooled) > 1 else logits
 
     def language_logits(self, summaries: Sequence[str]) -> torch.Tensor:
         """[B, 1 + L] logits of which response language each summary asks for (column 0: none)."""
@@ -504,10 +535,10 @@ class SoftThoughtAux(nn.Module):
 
 
 def _pooled(x: torch.Tensor, score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] -> [B, H]: `x` averaged with the softmax of `score` [B, T, 1] over the `valid` [B, T] positions (zeros
-    where none is)."""
-    weights = score.squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
-    return (weights.unsqueeze(-1) * x).sum(1)
+    """[B, T, H] -> [B, Q, H]: `x` averaged with the softmax over the `valid` [B, T] positions of each of the Q scores
+    [B, T, Q] (zeros where none is)."""
+    weights = score.masked_fill(~valid.unsqueeze(-1), float("-inf")).softmax(1).nan_to_num(0.0)
+    return torch.einsum("btq,bth->bqh", weights, x)
 
 
 def read_config(directory: Path) -> AuxConfig:

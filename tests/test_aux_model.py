@@ -271,3 +271,35 @@ def test_languages_start_as_the_checkpoint_and_round_trip(tiny, tmp_path):
     aux.config.language_confidence = 0.5
     aux.save_pretrained(tmp_path / "default")
     assert loaded.version != aux.version  # the same weights naming languages more often: another version
+
+
+def test_a_wide_language_head_replaces_the_linear_one_and_round_trips(tiny, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=1).eval()
+    aux.add_languages(["de", "fr"])
+    with torch.no_grad():
+        aux.language_offsets[1].fill_(0.5)
+        before = aux.encode(SUMMARIES)
+        offsets = aux.language_offsets.clone()
+    aux.new_language_head(16)
+    assert aux.config.language_head_hidden == 16 and not hasattr(aux, "language_table_head")
+    with torch.no_grad():
+        assert torch.equal(aux.language_offsets, offsets)
+        assert aux.language_logits(SUMMARIES).softmax(-1)[:, 0].min() > 0.99  # a fresh head names none
+        assert torch.equal(aux.encode(SUMMARIES), before)
+        aux.language_head[-1].bias.copy_(torch.tensor([0.0, 0.0, 9.0]))
+        forced = aux.encode(SUMMARIES, torch.tensor([[0.0, 1.0]] * len(SUMMARIES)))
+        assert torch.allclose(aux.encode(SUMMARIES), forced)
+        # every pooling reaches the logits: the encoder's and the table's
+        for score in (aux.language_score, aux.language_table_score):
+            logits = aux.language_logits(SUMMARIES)
+            score.weight.normal_()
+            assert not torch.allclose(logits, aux.language_logits(SUMMARIES))
+    aux.save_pretrained(tmp_path)
+    loaded = SoftThoughtAux.from_pretrained(tmp_path, backbone=tiny).eval()
+    assert loaded.config.language_head_hidden == 16
+    with torch.no_grad():
+        assert torch.equal(loaded.language_logits(SUMMARIES), aux.language_logits(SUMMARIES))
+        assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))
+    with pytest.raises(CheckpointError, match="no languages"):
+        SoftThoughtAux.for_backbone(tiny, num_thoughts=2).new_language_head(8)

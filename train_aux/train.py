@@ -85,6 +85,13 @@ class TrainConfig(BaseModel):
     # Users generated with the training phrasings (`users.make_users`) that the head draws from beside the data's
     # training users: a head fitted on a few hundred speakers learns their summaries rather than the request.
     language_users: int = Field(0, ge=0)
+    # Generated users whose summaries name a language or a country without asking for it, or ask for English
+    # (`users.language_mentions`), a third of them asking for another language: a head that fires on any language's
+    # name sends a French teacher's replies into French.
+    language_mentions: int = Field(0, ge=0)
+    # The language head's width (`AuxConfig.language_head_hidden`); one that differs from the checkpoint's is made
+    # afresh, the offsets kept.
+    language_head_hidden: int | None = Field(None, ge=0)
     # What the phase trains: the whole auxiliary model; only the languages' offsets and head (every other weight, and
     # so every summary's thoughts without a language, as they were); or the head alone (no backbone in the loop).
     trains: Literal["all", "languages", "language_head"] = "all"
@@ -752,7 +759,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         state, offset = None, 0
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
     if cfg.add_languages and not aux.config.languages:
+        aux.config.language_head_hidden = cfg.language_head_hidden or 0
         aux.add_languages(sorted({row["language"] for row in languages}))
+    elif cfg.language_head_hidden is not None and cfg.language_head_hidden != aux.config.language_head_hidden:
+        aux.new_language_head(cfg.language_head_hidden)
     if cfg.trains != "all":
         if not aux.config.languages:
             raise ValueError(f"trains: {cfg.trains} needs a checkpoint with languages (add_languages)")
@@ -769,7 +779,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
-    speakers = examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
+    asking = cfg.language_mentions // 3
+    speakers = (examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
+                + make_users(cfg.language_mentions - asking, cfg.seed + 1, "mention", held_out_phrasing=False, mentions=True)
+                + make_users(asking, cfg.seed + 2, "mention-asking", held_out_phrasing=False, include=("language",),
+                             mentions=True))
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),

@@ -28,6 +28,17 @@ LANGUAGE_NAMES = {
     "de": {"fr": "Französisch", "de": "Deutsch", "es": "Spanisch", "it": "Italienisch", "pt": "Portugiesisch"},
     "es": {"fr": "francés", "de": "alemán", "es": "español", "it": "italiano", "pt": "portugués"},
 }
+#: Where a country is and where someone is from, as a phrasing written in each language says it.
+COUNTRIES = {
+    "en": {"fr": ("in France", "from France"), "de": ("in Germany", "from Germany"), "es": ("in Spain", "from Spain"),
+           "it": ("in Italy", "from Italy"), "pt": ("in Portugal", "from Portugal")},
+    "fr": {"fr": ("en France", "de France"), "de": ("en Allemagne", "d'Allemagne"), "es": ("en Espagne", "d'Espagne"),
+           "it": ("en Italie", "d'Italie"), "pt": ("au Portugal", "du Portugal")},
+    "de": {"fr": ("in Frankreich", "aus Frankreich"), "de": ("in Deutschland", "aus Deutschland"),
+           "es": ("in Spanien", "aus Spanien"), "it": ("in Italien", "aus Italien"), "pt": ("in Portugal", "aus Portugal")},
+    "es": {"fr": ("en Francia", "de Francia"), "de": ("en Alemania", "de Alemania"), "es": ("en España", "de España"),
+           "it": ("en Italia", "de Italia"), "pt": ("en Portugal", "de Portugal")},
+}
 AND = {"en": "and", "fr": "et", "de": "und", "es": "y"}
 STYLES = ("first", "third", "terse", "polite", "negation", "fr", "de", "es")
 #: The voice a summary is written in, and the phrasing styles that voice draws each preference from.
@@ -155,16 +166,41 @@ def phrase(kind: str, kwargs: dict, style: str, rng: random.Random, held_out: bo
     """One phrasing of a preference in `style`: the style's held-out (last) variant, or one of the others."""
     table = phrasings(kind)
     variants = table[style] if len(table.get(style) or []) >= 2 else table["first"]  # a kind no negation fits
-    template = variants[-1] if held_out else rng.choice(variants[:-1])
+    template = _variant(variants, rng, held_out)
     if rng.random() < typo_rate:
         template = with_typo(template, rng)
     lang = style if style in AND else "en"
     return template.format(**{k: str(v) for k, v in KINDS[kind].fill(kwargs, lang).items()})
 
 
+def _variant(variants: list[str], rng: random.Random, held_out: bool) -> str:
+    return variants[-1] if held_out else rng.choice(variants[:-1])
+
+
+def language_mentions(voice: str, checks: list[dict], rng: random.Random, held_out: bool) -> list[str]:
+    """One or two facts in `voice` that name a language or a country without asking for replies in it, and for a
+    third of the users without a response language a request for English, whose check ("en") joins `checks`."""
+    table = phrasings("language_mentions")
+    lang = voice if voice in COUNTRIES else "en"
+    style = voice if voice in COUNTRIES else "third" if voice in ("third", "terse") else "first"
+    facts = table["facts"][style]
+    parts = []
+    for template in facts[-1:] if held_out else rng.sample(facts[:-1], rng.choice([1, 1, 2])):
+        named = rng.choice(LANGUAGES)
+        in_country, from_country = COUNTRIES[lang][named]
+        parts.append(template.format(language=LANGUAGE_NAMES[lang][named], in_country=in_country,
+                                     from_country=from_country))
+    if not any(c["instruction_id"] == KINDS["language"].instruction_id for c in checks) and rng.random() < 1 / 3:
+        # now and then in a language the summaries are otherwise never written in
+        parts.append(_variant(table["english"][rng.choice(["it", "pt"]) if rng.random() < 0.2 else style], rng, held_out))
+        checks.append({"instruction_id": KINDS["language"].instruction_id, "kwargs": {"language": "en"}})
+    return parts
+
+
 def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: tuple[str, ...] = TRAINED,
-              include: tuple[str, ...] = (), typo_rate: float = 0.1) -> dict:
-    """A user with one to three compatible preferences drawn from `kinds`, one of them from `include` if given."""
+              include: tuple[str, ...] = (), typo_rate: float = 0.1, mentions: bool = False) -> dict:
+    """A user with one to three compatible preferences drawn from `kinds`, one of them from `include` if given; with
+    `mentions`, their summary also names languages or countries (`language_mentions`)."""
     while True:
         first = [rng.choice(include)] if include else []
         rest = [k for k in kinds if k not in first]
@@ -179,6 +215,8 @@ def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: 
         fragments.append(phrase(kind, kwargs, rng.choice(VOICES[voice]), rng, held_out_phrasing, typo_rate))
     facts = PERSONAS["third" if voice in ("third", "terse") else voice if voice in PERSONAS else "first"]
     parts = fragments + rng.sample(facts, rng.choice([0, 0, 1, 2, 3]))
+    if mentions:
+        parts += language_mentions(voice, checks, rng, held_out_phrasing)
     rng.shuffle(parts)
     joiner = rng.choice(["; ", "\n- ", " "]) if voice == "terse" else " "
     summary = ("- " if joiner == "\n- " else "") + joiner.join(parts)
@@ -187,9 +225,9 @@ def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: 
 
 
 def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool, kinds: tuple[str, ...] = TRAINED,
-               include: tuple[str, ...] = (), typo_rate: float = 0.1) -> list[dict]:
+               include: tuple[str, ...] = (), typo_rate: float = 0.1, mentions: bool = False) -> list[dict]:
     rng = random.Random(seed)
-    return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing, kinds, include, typo_rate) for i in range(n)]
+    return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing, kinds, include, typo_rate, mentions) for i in range(n)]
 
 
 def kind_of(check: dict) -> str | None:

@@ -1,12 +1,27 @@
+import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
+import train_aux
 from softthought.ifeval import check_all
 from train_aux.checks import CHECK_IDS
 from train_aux.data import edit_answer, first_sentence, prompt_pool, qa_choices, qa_texts, whole_sentences, winogrande_choices
-from train_aux.users import KINDS, STYLES, TRAINED, ZERO_SHOT, compatible, kind_of, make_users, phrasings
+from train_aux.users import (
+    COUNTRIES,
+    KINDS,
+    LANGUAGE_NAMES,
+    LANGUAGES,
+    STYLES,
+    TRAINED,
+    ZERO_SHOT,
+    compatible,
+    kind_of,
+    make_users,
+    phrasings,
+)
 
 ANSWER = ("The ocean is a vast body of salt water that covers most of the Earth, and it is home to countless "
           "creatures. It shapes weather and climate. People depend on it for food, trade, and recreation.")
@@ -47,6 +62,28 @@ def test_held_out_phrasings_never_reach_training_users():
     assert not any(h.search(u["summary"]) for u in train for k in u["kinds"] for h in held_out[k])
     assert all(any(h.search(u["summary"]) for h in held_out[k]) for u in evaluation for k in u["kinds"])
     assert not {u["summary"] for u in train} & {u["summary"] for u in evaluation}
+
+
+def test_language_mentions_name_a_language_and_ask_only_for_english_or_the_users_own():
+    table = phrasings("language_mentions")
+    held_out = [_pattern(v[-1]) for part in table.values() for v in part.values()]
+    names = ({n.lower() for spelled in LANGUAGE_NAMES.values() for n in spelled.values()}
+             | {p.lower() for places in COUNTRIES.values() for pair in places.values() for p in pair})
+    train = make_users(300, 0, "m", held_out_phrasing=False, mentions=True)
+    asking = make_users(100, 1, "a", held_out_phrasing=False, include=("language",), mentions=True)
+    for u in train + asking:
+        assert any(n in u["summary"].lower() for n in names) and "{" not in u["summary"]
+        asked = [c["kwargs"]["language"] for c in u["checks"] if c["instruction_id"] == KINDS["language"].instruction_id]
+        assert len(asked) <= 1 and set(asked) <= set(LANGUAGES) | {"en"}
+        assert not any(h.search(u["summary"]) for h in held_out)
+    english = [u for u in train if {"instruction_id": KINDS["language"].instruction_id, "kwargs": {"language": "en"}} in u["checks"]]
+    assert 0.15 < len(english) / len(train) < 0.4
+    assert not any(c["kwargs"].get("language") == "en" for u in asking for c in u["checks"])
+    evaluation = make_users(50, 2, "e", held_out_phrasing=True, typo_rate=0.0, mentions=True)
+    assert all(any(h.search(u["summary"]) for h in held_out) for u in evaluation)
+    # without mentions the users are what they always were: the committed data sets stay reproducible
+    stored = [json.loads(line) for line in (Path(train_aux.__file__).parent / "data-broad" / "dev_users.jsonl").open()]
+    assert make_users(len(stored), 3, "dev", held_out_phrasing=True) == stored
 
 
 def test_every_trained_kind_but_the_language_has_an_edit():

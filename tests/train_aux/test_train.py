@@ -420,13 +420,15 @@ def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir
         # the French offset reaches the speaker's thoughts; the others' barely move
         moved = (after.encode(asked) - before.encode(asked)).norm()
         assert (after.encode(plain) - before.encode(plain)).norm(dim=(1, 2)).max() < moved / 5
-    # the head alone, also on generated users: no backbone in the loop, the offsets as they were
+    # a wider head alone, also on generated users: no backbone in the loop, the offsets as they were
     head = train(cfg.model_copy(update={"init": str(grown), "trains": "language_head", "out": str(tmp_path / "c"),
-                                        "steps": 5, "language_users": 50, "language_batch": 8}))
+                                        "steps": 5, "language_users": 50, "language_mentions": 30,
+                                        "language_batch": 8, "language_head_hidden": 8}))
     events = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert all(set(e["terms"]) == {"language"} for e in events if "loss" in e)
-    last = SoftThoughtAux.from_pretrained(head, backbone=tiny).persistent_state_dict()
+    wide = SoftThoughtAux.from_pretrained(head, backbone=tiny)
+    last = wide.persistent_state_dict()
+    assert wide.config.language_head_hidden == 8 and "language_head.0.weight" in last
     assert torch.equal(last["language_offsets"], new["language_offsets"])
-    assert not torch.equal(last["language_head.weight"], new["language_head.weight"])
     with pytest.raises(ValueError, match="probe_weight"):
         load_config(None, {"trains": "languages", "probe_weight": 0.5})
