@@ -47,6 +47,8 @@ COPY_GATE_SCALE = 10.0
 COPY_GATE_INIT = -4.0
 LANGUAGE_NONE_INIT = 6.0
 LANGUAGE_QUERIES = 4
+#: What the backbone reads after the summary when it is the language head's reader.
+READER_QUESTION = "\nIn which language does this user want replies?"
 
 
 _FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
@@ -73,6 +75,10 @@ class AuxConfig:
     # 0: the head is linear in one pooling of the summary's tokens; else LANGUAGE_QUERIES poolings read together by
     # an MLP this wide, which can tell "answer in French" from "my wife is French" (a pooling alone sees "French")
     language_head_hidden: int = 0
+    # 0: the head reads the encoder's states (and the backbone's embeddings of the summary's tokens); N: it reads the
+    # frozen backbone's own states after N layers of the summary followed by READER_QUESTION (contextual, and trained
+    # on more than English: "my wife is French" is not "answer in French"). Needs a wide head.
+    language_reader_layers: int = 0
     num_heads: int = 6
     mlp_ratio: int = 2
     encoder_training: str = "frozen"  # frozen | lora | full
@@ -102,8 +108,10 @@ class AuxConfig:
             raise CheckpointError(f"copy_thoughts must be in 0..64, got {self.copy_thoughts}")
         if len(set(self.languages)) != len(self.languages) or not all(isinstance(x, str) and x for x in self.languages):
             raise CheckpointError(f"languages must be distinct non-empty codes, got {self.languages!r}")
-        if self.language_head_hidden < 0:
-            raise CheckpointError(f"language_head_hidden must be >= 0, got {self.language_head_hidden}")
+        if self.language_head_hidden < 0 or self.language_reader_layers < 0:
+            raise CheckpointError("language_head_hidden and language_reader_layers must be >= 0")
+        if self.language_reader_layers and not self.language_head_hidden:
+            raise CheckpointError("language_reader_layers needs language_head_hidden")
         if not 0 <= self.language_confidence < 1:
             raise CheckpointError(f"language_confidence must be in [0, 1), got {self.language_confidence}")
         if self.encoder_training not in ENCODER_TRAINING:
@@ -179,14 +187,17 @@ def _load_encoder(name: str) -> tuple[nn.Module, object]:
 @dataclass
 class CopySource:
     """What copy thoughts are mixed from: the backbone's tokenizer and its input embedding table (frozen), in bf16
-    whatever dtype the backbone was loaded in (as its fingerprint is), so training and serving mix the same rows."""
+    whatever dtype the backbone was loaded in (as its fingerprint is), so training and serving mix the same rows; and
+    the backbone itself, which can read the summary for the language head."""
 
     tokenizer: object
     table: torch.Tensor  # [vocab, backbone_hidden]
+    model: nn.Module | None = None  # the backbone itself (`language_reader_layers`), frozen
 
     @classmethod
     def of(cls, backbone: Backbone) -> CopySource:
-        return cls(backbone.tokenizer, backbone.model.get_input_embeddings().weight.detach().to(torch.bfloat16))
+        return cls(backbone.tokenizer, backbone.model.get_input_embeddings().weight.detach().to(torch.bfloat16),
+                   backbone.model)
 
     @classmethod
     def load(cls, config: AuxConfig) -> CopySource:
@@ -200,7 +211,7 @@ class CopySource:
                 f"copy thoughts need the embeddings of backbone {config.backbone_fingerprint}, but "
                 f"{config.backbone_name or path} has fingerprint {found}"
             )
-        return cls(AutoTokenizer.from_pretrained(path), model.get_input_embeddings().weight.detach())
+        return cls(AutoTokenizer.from_pretrained(path), model.get_input_embeddings().weight.detach(), model.eval())
 
 
 def token_overlap(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -238,6 +249,9 @@ class SoftThoughtAux(nn.Module):
         self.projector = nn.Sequential(nn.Linear(e, d), nn.GELU(), nn.Linear(d, d))
         # log-gain per thought: starts at exactly the backbone's token norm, and may learn to speak louder
         self.log_gain = nn.Parameter(torch.zeros(k, 1))
+        # the backbone as the language head's reader: held outside the module tree, so that it is never saved, moved
+        # or handed to an optimizer with the auxiliary model's weights
+        self._reader = (copy_source.model, copy_source.tokenizer) if copy_source and copy_source.model else None
         if config.copy_thoughts:
             if copy_source is None:
                 raise CheckpointError("copy thoughts need the backbone's tokenizer and embedding table")
@@ -273,6 +287,14 @@ class SoftThoughtAux(nn.Module):
     def _build_language_head(self) -> None:
         e, n, hidden = self.config.encoder_hidden, len(self.config.languages), self.config.language_head_hidden
         q = LANGUAGE_QUERIES if hidden else 1
+        if self.config.language_reader_layers:  # poolings of the reader's states and its last one (the question's end)
+            d = self.config.backbone_hidden
+            self.language_norm = nn.LayerNorm(d)
+            self.language_score = nn.Linear(d, q)
+            self.language_head = nn.Sequential(nn.Linear((q + 1) * d, hidden), nn.GELU(), nn.Linear(hidden, n + 1))
+            with torch.no_grad():
+                self.language_head[-1].bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
+            return
         # which language the summary asks for, read off the encoder's states pooled by a learned score per token (a
         # preference buried in a long summary is a few of its tokens): class 0 is none, at first almost surely
         # and, with copy thoughts, off the backbone's own embeddings of the summary's tokens, pooled the same way: the
@@ -293,15 +315,16 @@ class SoftThoughtAux(nn.Module):
         with torch.no_grad():
             last.bias.copy_(torch.tensor([LANGUAGE_NONE_INIT] + [0.0] * n))
 
-    def new_language_head(self, hidden: int) -> None:
-        """Replace the language head by a fresh one `hidden` wide (0: linear), the offsets and all else kept."""
+    def new_language_head(self, hidden: int, reader_layers: int = 0) -> None:
+        """Replace the language head by a fresh one `hidden` wide (0: linear), reading the backbone's states after
+        `reader_layers` layers (0: the encoder's), the offsets and all else kept."""
         if not self.config.languages:
             raise CheckpointError("the checkpoint has no languages")
-        for name in ("language_score", "language_table_score", "language_head", "language_table_head"):
+        dataclasses.replace(self.config, language_head_hidden=hidden, language_reader_layers=reader_layers).validate()
+        for name in ("language_norm", "language_score", "language_table_score", "language_head", "language_table_head"):
             if hasattr(self, name):
                 delattr(self, name)
-        self.config.language_head_hidden = hidden
-        self.config.validate()
+        self.config.language_head_hidden, self.config.language_reader_layers = hidden, reader_layers
         self._build_language_head()
         self.to(self.queries.device)
 
@@ -338,7 +361,7 @@ class SoftThoughtAux(nn.Module):
             encoder=encoder,
             **overrides,
         )
-        return cls(config, enc, tok, CopySource.of(backbone) if config.copy_thoughts else None)
+        return cls(config, enc, tok, CopySource.of(backbone))
 
     # ----------------------------------------------------------------- parameters
     def _is_persistent(self, key: str) -> bool:
@@ -366,12 +389,42 @@ class SoftThoughtAux(nn.Module):
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         thoughts, *copy = self._thoughts(states, attention_mask, copy_ids, copy_align)
         if self.config.languages:
-            if languages is None:  # the head's choice, whole, as training adds it: none leaves the thoughts as they are
-                p = self.language_logits_of(states, attention_mask, copy_ids, copy_align).softmax(-1)
-                named = (1 - p[:, :1]) > self.config.language_confidence
-                languages = F.one_hot(p[:, 1:].argmax(-1), len(self.config.languages)) * named
+            if languages is None:
+                if self.config.language_reader_layers:
+                    raise ValueError("the language reader reads the summary's text: pass languages (`encode` does)")
+                languages = self.chosen_languages(self.language_logits_of(states, attention_mask, copy_ids, copy_align))
             thoughts = thoughts + torch.einsum("bl,lkd->bkd", languages.to(thoughts.dtype), self.language_offsets)
         return (thoughts, *copy) if return_copy else thoughts
+
+    def chosen_languages(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, L] the head's choice, whole, as training adds it (`language_confidence`): none leaves the thoughts as
+        they are."""
+        p = logits.softmax(-1)
+        named = (1 - p[:, :1]) > self.config.language_confidence
+        return F.one_hot(p[:, 1:].argmax(-1), len(self.config.languages)) * named
+
+    def reader_states(self, summaries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen backbone's states [B, T, backbone_hidden] after `language_reader_layers` layers of each summary
+        followed by READER_QUESTION (float32, on the model's device), and which of them are tokens [B, T]."""
+        if self._reader is None:
+            raise CheckpointError("the language head reads the summary with the backbone, and none was given")
+        reader, tok = self._reader
+        question = tok(READER_QUESTION, add_special_tokens=False)["input_ids"]
+        rows = [tok(s, add_special_tokens=False, truncation=True, max_length=self.config.max_summary_tokens)["input_ids"]
+                + question for s in summaries]
+        length = max(len(r) for r in rows)
+        device = next(reader.parameters()).device
+        ids = torch.tensor([r + [0] * (length - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+        with torch.no_grad():  # right padding: the causal reader's states of real tokens never see it
+            states = reader.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        return states[self.config.language_reader_layers].float().to(self.device), mask.to(self.device) != 0
+
+    def reader_head(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + L] logits from `reader_states`: its poolings and its last state (the question's end)."""
+        x = self.language_norm(states)
+        last = x[torch.arange(len(x), device=x.device), valid.sum(-1) - 1]
+        return self.language_head(torch.cat([_pooled(x, self.language_score(x), valid).flatten(1), last], -1))
 
     def language_logits_of(self, states: torch.Tensor, attention_mask: torch.Tensor, copy_ids: torch.Tensor | None = None,
                            copy_align: torch.Tensor | None = None) -> torch.Tensor:
@@ -388,6 +441,8 @@ class SoftThoughtAux(nn.Module):
 
     def language_logits(self, summaries: Sequence[str]) -> torch.Tensor:
         """[B, 1 + L] logits of which response language each summary asks for (column 0: none)."""
+        if self.config.language_reader_layers:
+            return self.reader_head(*self.reader_states(summaries))
         batch = self.tokenize(summaries)
         states = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return self.language_logits_of(states, batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"))
@@ -468,7 +523,13 @@ class SoftThoughtAux(nn.Module):
         """Soft thoughts for each summary, [B, K, backbone_hidden] (float32); `languages` as in `forward`."""
         batch = self.tokenize(summaries)
         return self(batch["input_ids"], batch["attention_mask"], batch.get("copy_ids"), batch.get("copy_align"),
-                    languages=languages)
+                    languages=self._read_languages(summaries, languages))
+
+    def _read_languages(self, summaries: Sequence[str], languages: torch.Tensor | None) -> torch.Tensor | None:
+        """The reader's choice where it, not the encoder's states `forward` sees, reads the summary."""
+        if languages is None and self.config.languages and self.config.language_reader_layers:
+            return self.chosen_languages(self.language_logits(summaries))
+        return languages
 
     def encode_copy(self, summaries: Sequence[str], languages: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
@@ -476,7 +537,7 @@ class SoftThoughtAux(nn.Module):
         backbone-token character offsets."""
         batch = self.tokenize(summaries)
         out = self(batch["input_ids"], batch["attention_mask"], batch["copy_ids"], batch["copy_align"], return_copy=True,
-                   languages=languages)
+                   languages=self._read_languages(summaries, languages))
         return (*out, batch["copy_offsets"])
 
     # ----------------------------------------------------------------- checkpoints
@@ -514,8 +575,8 @@ class SoftThoughtAux(nn.Module):
                 f"encoder {config.encoder} has hidden size {enc.config.hidden_size}, "
                 f"the checkpoint expects {config.encoder_hidden}"
             )
-        copy_source = None
-        if config.copy_thoughts:
+        copy_source = None  # with the backbone at hand, always: a head may come to read with it
+        if config.copy_thoughts or config.language_reader_layers or backbone is not None:
             copy_source = CopySource.of(backbone) if backbone is not None else CopySource.load(config)
         model = cls(config, enc, tok, copy_source)
         expected_state = model.persistent_state_dict()

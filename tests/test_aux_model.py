@@ -303,3 +303,43 @@ def test_a_wide_language_head_replaces_the_linear_one_and_round_trips(tiny, tmp_
         assert torch.equal(loaded.encode(SUMMARIES), aux.encode(SUMMARIES))
     with pytest.raises(CheckpointError, match="no languages"):
         SoftThoughtAux.for_backbone(tiny, num_thoughts=2).new_language_head(8)
+
+
+def test_the_backbone_can_read_the_summary_for_the_language_head(tiny, tmp_path):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=1).eval()
+    aux.add_languages(["de", "fr"])
+    with pytest.raises(CheckpointError, match="language_head_hidden"):
+        aux.new_language_head(0, 1)
+    with torch.no_grad():
+        aux.language_offsets[1].fill_(0.5)
+        before = aux.encode(SUMMARIES)
+    aux.new_language_head(16, 1)
+    # the backbone reads, but it is no part of the auxiliary model: never trained, moved or saved with it
+    backbone = {id(p) for p in tiny.model.parameters()}
+    assert not any(id(p) in backbone for p in aux.parameters())
+    assert not any(k.startswith("_reader") for k in aux.state_dict())
+    fingerprint = tiny.fingerprint
+    states, valid = aux.reader_states(SUMMARIES)
+    assert states.shape[-1] == tiny.hidden_size and valid.sum(-1).min() > 1
+    # its states of a summary's tokens do not depend on the padding beside a longer one (right padding, causal)
+    alone, alone_valid = aux.reader_states(SUMMARIES[:1])
+    assert torch.allclose(states[0, valid[0]], alone[0, alone_valid[0]], atol=1e-5)
+    with torch.no_grad():
+        assert aux.language_logits(SUMMARIES).softmax(-1)[:, 0].min() > 0.99  # a fresh head names none
+        assert torch.equal(aux.encode(SUMMARIES), before)
+        aux.language_head[-1].bias.copy_(torch.tensor([0.0, 0.0, 9.0]))  # it names French: encode adds the offset
+        forced = aux.encode(SUMMARIES, torch.tensor([[0.0, 1.0]] * len(SUMMARIES)))
+        assert torch.allclose(aux.encode(SUMMARIES), forced) and not torch.allclose(forced, before)
+        logits = aux.language_logits(SUMMARIES)
+        aux.language_score.weight.normal_()  # the poolings count
+        assert not torch.allclose(logits, aux.language_logits(SUMMARIES))
+    with pytest.raises(ValueError, match="pass languages"):
+        batch = aux.tokenize(SUMMARIES)
+        aux(batch["input_ids"], batch["attention_mask"], batch["copy_ids"], batch["copy_align"])
+    aux.save_pretrained(tmp_path)
+    loaded = SoftThoughtAux.from_pretrained(tmp_path, backbone=tiny).eval()
+    assert loaded.config.language_reader_layers == 1
+    with torch.no_grad():
+        assert torch.equal(loaded.language_logits(SUMMARIES), aux.language_logits(SUMMARIES))
+    assert tiny.fingerprint == fingerprint

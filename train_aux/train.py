@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
     # The language head's width (`AuxConfig.language_head_hidden`); one that differs from the checkpoint's is made
     # afresh, the offsets kept.
     language_head_hidden: int | None = Field(None, ge=0)
+    # The backbone's layers the head reads the summary through (`AuxConfig.language_reader_layers`; with
+    # language_head_hidden): its states of each summary are kept for the phase, the reader being frozen.
+    language_reader_layers: int | None = Field(None, ge=0)
     # What the phase trains: the whole auxiliary model; only the languages' offsets and head (every other weight, and
     # so every summary's thoughts without a language, as they were); or the head alone (no backbone in the loop).
     trains: Literal["all", "languages", "language_head"] = "all"
@@ -577,9 +580,19 @@ def language_targets(aux: SoftThoughtAux, checks: list[list[dict]]) -> torch.Ten
                         device=aux.device)
 
 
-def language_term(aux: SoftThoughtAux, users: list[dict]) -> Term:
-    """The language head's cross-entropy, summed over `users`' summaries."""
-    logits = aux.language_logits([u["summary"] for u in users])
+def language_term(aux: SoftThoughtAux, users: list[dict], read: dict[str, torch.Tensor]) -> Term:
+    """The language head's cross-entropy, summed over `users`' summaries; `read` keeps the frozen reader's states of
+    each summary it has read (`AuxConfig.language_reader_layers`), so that every draw after the first costs nothing."""
+    summaries = [u["summary"] for u in users]
+    if aux.config.language_reader_layers:
+        if missing := [s for s in dict.fromkeys(summaries) if s not in read]:
+            states, valid = aux.reader_states(missing)
+            read.update({s: x[v].cpu() for s, x, v in zip(missing, states, valid)})
+        rows = [read[s] for s in summaries]
+        valid = torch.arange(max(len(r) for r in rows))[None, :] < torch.tensor([len(r) for r in rows])[:, None]
+        logits = aux.reader_head(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(aux.device), valid.to(aux.device))
+    else:
+        logits = aux.language_logits(summaries)
     return Term(F.cross_entropy(logits, language_targets(aux, [u["checks"] for u in users]), reduction="sum"), len(users))
 
 
@@ -629,7 +642,7 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
                shard: Shard = Shard(), micro_batch: int | None = None, probe: torch.nn.Module | None = None,
                labels: list[str] | None = None, texts: list[list[int]] | None = None,
                engine: Engine | None = None, probing: list[dict] | None = None, choices: list | None = None,
-               heading: list[dict] | None = None) -> dict[str, float]:
+               heading: list[dict] | None = None, read: dict | None = None) -> dict[str, float]:
     """Set the gradient of `params` (every worker's the same) to that of the loss of the global `batch`, this worker
     computing its `shard` of it `micro_batch` examples at a time (gradient accumulation). Each term's gradient is
     summed apart and divided by its count over all workers and micro-batches, then the workers' gradients are added
@@ -638,7 +651,7 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
     for the slowest one, those it then spent in the all-reduces, and each term's mean (unweighted). With `probing`
     (users), the probe reads their summaries' thoughts instead of the batch's (every worker all of them, as it does
     the batch's); with an empty `batch` (`read_steps`), that term is the only one. `heading` (users): the summaries
-    the language head's term reads."""
+    the language head's term reads (`read`: `language_term`'s)."""
     mine = shard.mine(len(batch))
     dev = backbone.device
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
@@ -663,7 +676,7 @@ def train_step(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], cf
         elif probe is not None:
             once["probe"] = probe_term(probe, thoughts[mine], [batch[i].checks for i in mine], labels)
         if heading:
-            once["language"] = language_term(aux, heading)
+            once["language"] = language_term(aux, heading, {} if read is None else read)
     add(once)
     size = micro_batch or max(1, len(mine))
     for at in range(0, len(mine), size):
@@ -758,11 +771,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
         state, offset = None, 0
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
+    head = (cfg.language_head_hidden, cfg.language_reader_layers or 0)
     if cfg.add_languages and not aux.config.languages:
-        aux.config.language_head_hidden = cfg.language_head_hidden or 0
+        aux.config.language_head_hidden, aux.config.language_reader_layers = head[0] or 0, head[1]
         aux.add_languages(sorted({row["language"] for row in languages}))
-    elif cfg.language_head_hidden is not None and cfg.language_head_hidden != aux.config.language_head_hidden:
-        aux.new_language_head(cfg.language_head_hidden)
+    elif head[0] is not None and head != (aux.config.language_head_hidden, aux.config.language_reader_layers):
+        aux.new_language_head(*head)
     if cfg.trains != "all":
         if not aux.config.languages:
             raise ValueError(f"trains: {cfg.trains} needs a checkpoint with languages (add_languages)")
@@ -779,7 +793,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
-    asking = cfg.language_mentions // 3
+    asking, read = cfg.language_mentions // 3, {}
     speakers = (examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
                 + make_users(cfg.language_mentions - asking, cfg.seed + 1, "mention", held_out_phrasing=False, mentions=True)
                 + make_users(asking, cfg.seed + 2, "mention-asking", held_out_phrasing=False, include=("language",),
@@ -836,7 +850,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         heading = (random.Random(f"{cfg.seed}-head-{step}").sample(speakers, min(cfg.language_batch, len(speakers)))
                    if aux.config.languages and cfg.language_weight > 0 else None)
         figures = train_step(backbone, aux, batch, cfg, params, shard, micro_batch, probe, labels, preserve, rollout, probing,
-                             choices, heading)
+                             choices, heading, read)
         if figures["rollout_tokens"]:
             repeats.append(figures["rollout_repeats"] / figures["rollout_tokens"])
         if rollout is not None and cfg.own_weight > 0:

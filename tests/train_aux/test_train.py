@@ -420,15 +420,19 @@ def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir
         # the French offset reaches the speaker's thoughts; the others' barely move
         moved = (after.encode(asked) - before.encode(asked)).norm()
         assert (after.encode(plain) - before.encode(plain)).norm(dim=(1, 2)).max() < moved / 5
-    # a wider head alone, also on generated users: no backbone in the loop, the offsets as they were
+    # a wider head alone, reading the backbone's states, also on generated users: no backbone's reply in the loop, the
+    # offsets as they were, the backbone untouched
     head = train(cfg.model_copy(update={"init": str(grown), "trains": "language_head", "out": str(tmp_path / "c"),
                                         "steps": 5, "language_users": 50, "language_mentions": 30,
-                                        "language_batch": 8, "language_head_hidden": 8}))
+                                        "language_batch": 8, "language_head_hidden": 8,
+                                        "language_reader_layers": 1}))
     events = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert all(set(e["terms"]) == {"language"} for e in events if "loss" in e)
     wide = SoftThoughtAux.from_pretrained(head, backbone=tiny)
     last = wide.persistent_state_dict()
-    assert wide.config.language_head_hidden == 8 and "language_head.0.weight" in last
+    assert wide.config.language_head_hidden == 8 and wide.config.language_reader_layers == 1
+    assert "language_norm.weight" in last and not any("_reader" in k for k in last)
+    assert events[-1]["backbone_fingerprint_after"] == tiny.fingerprint
     assert torch.equal(last["language_offsets"], new["language_offsets"])
     with pytest.raises(ValueError, match="probe_weight"):
         load_config(None, {"trains": "languages", "probe_weight": 0.5})
