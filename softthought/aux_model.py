@@ -252,6 +252,7 @@ class SoftThoughtAux(nn.Module):
         # the backbone as the language head's reader: held outside the module tree, so that it is never saved, moved
         # or handed to an optimizer with the auxiliary model's weights
         self._reader = (copy_source.model, copy_source.tokenizer) if copy_source and copy_source.model else None
+        self._check_reader(config.language_reader_layers)
         if config.copy_thoughts:
             if copy_source is None:
                 raise CheckpointError("copy thoughts need the backbone's tokenizer and embedding table")
@@ -321,12 +322,17 @@ class SoftThoughtAux(nn.Module):
         if not self.config.languages:
             raise CheckpointError("the checkpoint has no languages")
         dataclasses.replace(self.config, language_head_hidden=hidden, language_reader_layers=reader_layers).validate()
+        self._check_reader(reader_layers)
         for name in ("language_norm", "language_score", "language_table_score", "language_head", "language_table_head"):
             if hasattr(self, name):
                 delattr(self, name)
         self.config.language_head_hidden, self.config.language_reader_layers = hidden, reader_layers
         self._build_language_head()
         self.to(self.queries.device)
+
+    def _check_reader(self, layers: int) -> None:
+        if layers and self._reader is not None and layers > (n := self._reader[0].config.num_hidden_layers):
+            raise CheckpointError(f"language_reader_layers is {layers}, but the backbone has {n} layers")
 
     def add_languages(self, codes: Sequence[str]) -> None:
         """Grow a checkpoint without response-language offsets by ones for `codes` (its other weights kept)."""

@@ -314,6 +314,8 @@ def test_the_backbone_can_read_the_summary_for_the_language_head(tiny, tmp_path)
     with torch.no_grad():
         aux.language_offsets[1].fill_(0.5)
         before = aux.encode(SUMMARIES)
+    with pytest.raises(CheckpointError, match="layers"):
+        aux.new_language_head(16, tiny.model.config.num_hidden_layers + 1)
     aux.new_language_head(16, 1)
     # the backbone reads, but it is no part of the auxiliary model: never trained, moved or saved with it
     backbone = {id(p) for p in tiny.model.parameters()}
