@@ -186,9 +186,9 @@ def _load_encoder(name: str) -> tuple[nn.Module, object]:
 
 @dataclass
 class CopySource:
-    """What copy thoughts are mixed from: the backbone's tokenizer and its input embedding table (frozen), in bf16
-    whatever dtype the backbone was loaded in (as its fingerprint is), so training and serving mix the same rows; and
-    the backbone itself, which can read the summary for the language head."""
+    """What copy thoughts are mixed from: the backbone's tokenizer and its input embedding table (frozen; mixed in
+    bf16 whatever dtype the backbone was loaded in, as its fingerprint is, so training and serving mix the same rows);
+    and the backbone itself, which can read the summary for the language head."""
 
     tokenizer: object
     table: torch.Tensor  # [vocab, backbone_hidden]
@@ -196,8 +196,7 @@ class CopySource:
 
     @classmethod
     def of(cls, backbone: Backbone) -> CopySource:
-        return cls(backbone.tokenizer, backbone.model.get_input_embeddings().weight.detach().to(torch.bfloat16),
-                   backbone.model)
+        return cls(backbone.tokenizer, backbone.model.get_input_embeddings().weight.detach(), backbone.model)
 
     @classmethod
     def load(cls, config: AuxConfig) -> CopySource:
@@ -263,7 +262,9 @@ class SoftThoughtAux(nn.Module):
     def _build_copy(self, source: CopySource) -> None:
         e = self.config.encoder_hidden
         self.copy_tokenizer = source.tokenizer
-        self.register_buffer("copy_table", source.table, persistent=False)  # the backbone's: never saved or trained
+        # the backbone's: never saved or trained; in bf16 here, where it is used, so that a source made only for the
+        # language reader copies nothing
+        self.register_buffer("copy_table", source.table.to(torch.bfloat16), persistent=False)
         self.copy_queries = nn.Parameter(torch.randn(self.config.copy_thoughts, e) * 0.02)
         self.copy_norm = nn.LayerNorm(e)
         self.copy_q = nn.Linear(e, e)
