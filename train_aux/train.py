@@ -173,13 +173,15 @@ class TrainConfig(BaseModel):
     init: str | None = None
 
     @model_validator(mode="after")
-    def _reading_needs_the_probe(self) -> TrainConfig:
+    def _options_hold_together(self) -> TrainConfig:
         if self.read_steps and not (self.probe_weight > 0 and self.probe_batch > 0):
             raise ValueError("read_steps trains the probe alone: it needs probe_weight > 0 and probe_batch > 0")
         if self.read_steps >= self.steps:
             raise ValueError("read_steps must leave steps for generation")
         if self.trains != "all" and self.probe_weight > 0:
             raise ValueError(f"trains: {self.trains} leaves the thoughts the probe reads as they were: set probe_weight 0")
+        if self.language_reader_layers and not self.language_head_hidden:  # else no head would be made to read them
+            raise ValueError("language_reader_layers needs language_head_hidden: the reader's head is an MLP that wide")
         return self
 
 

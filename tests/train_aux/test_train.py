@@ -436,3 +436,5 @@ def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir
     assert torch.equal(last["language_offsets"], new["language_offsets"])
     with pytest.raises(ValueError, match="probe_weight"):
         load_config(None, {"trains": "languages", "probe_weight": 0.5})
+    with pytest.raises(ValueError, match="language_head_hidden"):
+        load_config(None, {"language_reader_layers": 1})
