@@ -246,14 +246,23 @@ def _objective(meta: dict) -> str:
               if (c := p["train_config"]).get("rollout_weight")]
     loops = "".join(f" In steps {a}-{b}, an unlikelihood term (weight {w:g}) on every token of the thoughts' own greedy "
                     "replies that repeats a 4-gram they already wrote." for a, b, w in rolled)
+    probed = _merged([(c["probe_weight"], p["from_step"], end) for p, end in zip(phases, ends)
+                      if (c := p["train_config"]).get("probe_weight")])
+    probe = " and ".join(f"weight {w:g} in steps {a}-{b}" for w, a, b in probed) or "weight 0"
+    only = {"languages": "only an offset per response language is trained (each example adds its own language's)",
+            "language_head": "only the head that picks a summary's language offset is trained"}
+    langs = "".join(f" In steps {p['from_step']}-{end}, {only[c['trains']]}"
+                    + (f", reading the summary through the frozen backbone's first {c['language_reader_layers']} layers"
+                       if c.get("language_reader_layers") else "") + "."
+                    for p, end in zip(phases, ends) if (c := p["train_config"]).get("trains", "all") in only)
     guided = "" if meta.get("guidance", 1.0) == 1 else (
         f" Served with guidance {meta['guidance']:g}: logits = plain + {meta['guidance']:g} x (with thoughts - plain)"
         + (f" where KL(with thoughts || plain) exceeds {meta['guidance_gate']:g} nats, the plain logits elsewhere"
            if meta.get("guidance_gate") else "") + ".")
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
-            f"plus a preference probe on the thoughts (weight {cfg.get('probe_weight', 0.0):g}){preserve}."
-            f"{reading}{on_data}{copying}{loops}{guided}")
+            f"plus a preference probe on the thoughts ({probe}){preserve}."
+            f"{reading}{on_data}{copying}{loops}{langs}{guided}")
 
 
 def _baselines(res: dict) -> str:

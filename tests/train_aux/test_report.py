@@ -53,8 +53,8 @@ def test_render_and_plot(tmp_path):
     res = {
         "aux_meta": {"version": "abc", "num_thoughts": 8, "steps": 610, "data_hash": "d", "backbone_fingerprint": "f",
                      "train_config": {"edit_weight": 5.0, "probe_weight": 0.5, "preserve_weight": 2.0, "preserve_texts": "qa"},
-                     "phases": [{"from_step": 0, "train_config": {"preserve_weight": 0.0}},
-                                {"from_step": 400, "train_config": {"preserve_weight": 2.0}},
+                     "phases": [{"from_step": 0, "train_config": {"preserve_weight": 0.0, "probe_weight": 0.5}},
+                                {"from_step": 400, "train_config": {"preserve_weight": 2.0, "probe_weight": 0.5}},
                                 {"from_step": 550, "train_config": {"edit_weight": 5.0, "probe_weight": 0.5,
                                                                     "preserve_weight": 2.0, "preserve_texts": "qa"}}]},
         "pers": {"n_users": 80, "n_pairs": 160, "max_new_tokens": 128, **_judged(none=0.05, text=0.1, soft=0.5)},
@@ -79,7 +79,8 @@ def test_render_and_plot(tmp_path):
     assert "The checkpoint was chosen on the dev split only" in md
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
-            "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5), plus KL(plain "
+            "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5 in steps 0-610), "
+            "plus KL(plain "
             "backbone || backbone after the thoughts) on BoolQ passages (weight 2) in steps 400-550 and on question-answer "
             "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610.") in md
     assert ("LoRA (r=16 on every projection) 100 steps at lr 0.0002, full fine-tuning 80 steps at lr 2e-05, batch 8, "
@@ -107,6 +108,16 @@ def test_render_and_plot(tmp_path):
     assert "backbone's own answers (weight 2) in steps 550-900." in md_broad and md_broad.count("in steps 610-") == 1
     assert ("Served with guidance 2: logits = plain + 2 x (with thoughts - plain) where KL(with thoughts || plain) "
             "exceeds 0.19 nats, the plain logits elsewhere.") in md_broad
+    # language phases train only their offsets, then only the head; the probe is named where it was on
+    res["aux_meta"] = {**meta, "steps": 1000, "phases": phases + [
+        {"from_step": 610, "train_config": {**last, "trains": "languages", "probe_weight": 0.0}},
+        {"from_step": 800, "train_config": {**last, "trains": "language_head", "probe_weight": 0.0,
+                                            "language_reader_layers": 20}}]}
+    md_lang = render(res)
+    assert "a preference probe on the thoughts (weight 0.5 in steps 0-610)" in md_lang
+    assert ("In steps 610-800, only an offset per response language is trained (each example adds its own language's). "
+            "In steps 800-1000, only the head that picks a summary's language offset is trained, reading the summary "
+            "through the frozen backbone's first 20 layers.") in md_lang
     res["aux_meta"] = meta
     res["ifeval_full"] = {**res["ifeval_full"], "pairs": IFEVAL_PAIRS[::-1]}
     with pytest.raises(ValueError, match="IFEval, full: answered other"):
