@@ -225,7 +225,9 @@ def _objective(meta: dict) -> str:
     kl, last = [], None
     for (teacher, on, weight), a, b in _merged([
             ((teachers[c.get("preserve_teacher", "plain")], texts[c.get("preserve_texts", "boolq")], c["preserve_weight"]),
-             p["from_step"], end) for p, end in zip(phases, ends) if (c := p["train_config"]).get("preserve_weight")]):
+             p["from_step"], end) for p, end in zip(phases, ends)
+            # a phase that trains the language head alone runs no backbone, so no KL
+            if (c := p["train_config"]).get("preserve_weight") and c.get("trains") != "language_head"]):
         kl.append(("" if teacher == last else f"KL({teacher} || backbone after the thoughts) ")
                   + f"on {on} (weight {weight:g}) in steps {a}-{b}")
         last = teacher

@@ -118,6 +118,7 @@ def test_render_and_plot(tmp_path):
     assert ("In steps 610-800, only an offset per response language is trained (each example adds its own language's). "
             "In steps 800-1000, only the head that picks a summary's language offset is trained, reading the summary "
             "through the frozen backbone's first 20 layers.") in md_lang
+    assert "own answers (weight 2) in steps 550-800." in md_lang  # the head alone runs no backbone: no KL
     res["aux_meta"] = meta
     res["ifeval_full"] = {**res["ifeval_full"], "pairs": IFEVAL_PAIRS[::-1]}
     with pytest.raises(ValueError, match="IFEval, full: answered other"):
