@@ -80,9 +80,9 @@ def test_render_and_plot(tmp_path):
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
             "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5 in steps 0-610), "
-            "plus KL(plain "
-            "backbone || backbone after the thoughts) on BoolQ passages (weight 2) in steps 400-550 and on question-answer "
-            "text built from the training prompts and the backbone's own answers (weight 2) in steps 550-610.") in md
+            "plus KL(plain backbone || backbone after the thoughts) on BoolQ passages (weight 2) in steps 400-550 and on "
+            "question-answer text built from the training prompts and the backbone's own answers (weight 2) in steps "
+            "550-610.") in md
     assert ("LoRA (r=16 on every projection) 100 steps at lr 0.0002, full fine-tuning 80 steps at lr 2e-05, batch 8, "
             "float32.") in md
     # soft passes the first check of responses 0-79, text of 0-15, LoRA of 0-63: 64 and 16 more of the 240 checks
