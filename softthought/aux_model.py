@@ -68,7 +68,9 @@ class AuxConfig:
     encoder: str = EMBEDDED_ENCODER
     num_thoughts: int = 8
     copy_thoughts: int = 0  # further thoughts mixed from the backbone's embeddings of the summary's own tokens
-    languages: list[str] = field(default_factory=list)  # response languages (IFEval codes) with their own offset
+    # The ways of writing a whole reply that have their own offset: response languages (IFEval codes) and cases
+    # ("capital", "lowercase"); the head names at most one (`users.CONFLICTS` keeps a language and a case apart).
+    languages: list[str] = field(default_factory=list)
     # The head names a language only when it gives all of them together more than this: a wrong language costs a user
     # every other preference they wrote, a missed one the language alone.
     language_confidence: float = 0.5
@@ -336,13 +338,23 @@ class SoftThoughtAux(nn.Module):
             raise CheckpointError(f"language_reader_layers is {layers}, but the backbone has {n} layers")
 
     def add_languages(self, codes: Sequence[str]) -> None:
-        """Grow a checkpoint without response-language offsets by ones for `codes` (its other weights kept)."""
-        if self.config.languages:
-            raise CheckpointError(f"the checkpoint already has languages {self.config.languages}")
-        self.config.languages = list(codes)
-        self.config.validate()
-        self._build_languages()
-        self.to(self.queries.device)
+        """Grow the checkpoint by an offset for each of `codes` and the head's class for it, every weight it has kept:
+        the new offsets are zero and the head names them almost never, so the thoughts stay as they were."""
+        if not self.config.languages:
+            self.config.languages = list(codes)
+            self.config.validate()
+            self._build_languages()
+            self.to(self.queries.device)
+            return
+        known = self.config.languages
+        dataclasses.replace(self.config, languages=[*known, *codes]).validate()  # a code it has already is refused
+        self.config.languages = [*known, *codes]
+        grown = torch.zeros(len(codes), *self.language_offsets.shape[1:], device=self.language_offsets.device)
+        self.language_offsets = nn.Parameter(torch.cat([self.language_offsets.detach(), grown]))
+        last = self.language_head[-1] if isinstance(self.language_head, nn.Sequential) else self.language_head
+        for layer in (last, getattr(self, "language_table_head", None)):
+            if layer is not None:
+                _grow_rows(layer, len(codes), -LANGUAGE_NONE_INIT)
 
     def add_copy_thoughts(self, k: int, source: CopySource) -> None:
         """Grow a checkpoint without copy thoughts by `k` freshly initialized ones (its other weights kept)."""
@@ -600,6 +612,15 @@ class SoftThoughtAux(nn.Module):
         model.load_state_dict(state, strict=False)
         model.version = _version(directory / WEIGHTS_NAME, config)
         return model
+
+
+def _grow_rows(layer: nn.Linear, n: int, bias: float) -> None:
+    """`n` more outputs for `layer`, in place: zero weights and `bias`, its own rows kept."""
+    weight = torch.cat([layer.weight.detach(), layer.weight.new_zeros(n, layer.in_features)])
+    layer.weight = nn.Parameter(weight)
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(torch.cat([layer.bias.detach(), layer.bias.new_full((n,), bias)]))
+    layer.out_features += n
 
 
 def _pooled(x: torch.Tensor, score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

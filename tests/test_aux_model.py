@@ -243,8 +243,6 @@ def test_languages_start_as_the_checkpoint_and_round_trip(tiny, tmp_path):
         aux.copy_gate.bias.fill_(0.0)
         before = aux.encode(SUMMARIES)
     aux.add_languages(["de", "fr"])
-    with pytest.raises(CheckpointError, match="already has languages"):
-        aux.add_languages(["it"])
     with torch.no_grad():
         assert torch.equal(aux.encode(SUMMARIES), before)  # zero offsets: the same thoughts as before
         assert aux.language_logits(SUMMARIES).softmax(-1)[:, 0].min() > 0.99  # none, at first
@@ -271,6 +269,35 @@ def test_languages_start_as_the_checkpoint_and_round_trip(tiny, tmp_path):
     aux.config.language_confidence = 0.5
     aux.save_pretrained(tmp_path / "default")
     assert loaded.version != aux.version  # the same weights naming languages more often: another version
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_a_checkpoint_with_languages_grows_more_forms_keeping_what_it_had(tiny, hidden):
+    torch.manual_seed(0)
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2, copy_thoughts=1).eval()
+    aux.add_languages(["de", "fr"])
+    if hidden:
+        aux.new_language_head(hidden)
+    with torch.no_grad():
+        aux.language_offsets.normal_()
+        for p in aux.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a trained head, which names some language for some summaries
+        offsets, logits, thoughts = aux.language_offsets.clone(), aux.language_logits(SUMMARIES), aux.encode(SUMMARIES)
+    with pytest.raises(CheckpointError, match="distinct"):
+        aux.add_languages(["fr"])
+    aux.add_languages(["capital", "lowercase"])
+    assert aux.config.languages == ["de", "fr", "capital", "lowercase"]
+    with torch.no_grad():
+        assert torch.equal(aux.language_offsets[:2], offsets) and not aux.language_offsets[2:].any()
+        grown = aux.language_logits(SUMMARIES)
+        assert torch.allclose(grown[:, :3], logits, atol=1e-5) and (grown[:, 3:] < grown[:, :3].min(-1, keepdim=True).values).all()
+        assert torch.equal(aux.encode(SUMMARIES), thoughts)  # the same thoughts until the new weights are trained
+        forced = aux.encode(SUMMARIES, torch.tensor([[0.0, 0.0, 1.0, 0.0]] * len(SUMMARIES)))
+        aux.language_offsets[2].fill_(0.25)
+        assert torch.allclose(aux.encode(SUMMARIES, torch.tensor([[0.0, 0.0, 1.0, 0.0]] * len(SUMMARIES))) - forced,
+                              torch.full_like(forced, 0.25))
+    assert any(p.requires_grad and p.shape[0] == 5 for p in aux.parameters())  # the head's grown rows train
 
 
 def test_a_wide_language_head_replaces_the_linear_one_and_round_trips(tiny, tmp_path):

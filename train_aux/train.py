@@ -23,7 +23,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -72,13 +72,15 @@ class TrainConfig(BaseModel):
     # Where the edit brings in a keyword the answer lacks: a sentence after the answer, or one that opens the reply,
     # where a copied word is the next thing written.
     keywords_first: bool = False
-    # The share of examples drawn from users with a response language; None: as often as the users hold one (about
-    # 9 % of the broad data's), too rarely to move a reply's first token off English in a phase.
+    # The share of examples drawn from users whose response language or case has an offset (`reply_forms`); None: as
+    # often as the users hold one (about 9 % of the broad data's languages), too rarely to move a reply's first token.
     language_share: float | None = Field(None, gt=0, lt=1)
     # Grow (on a checkpoint without them) an offset to every thought for each language of language_answers.jsonl, and
     # the head that names them (`AuxConfig.languages`): teacher forced in training (each example's own language),
     # the head's choice when served.
     add_languages: bool = False
+    # Grow an offset and the head's class for each whole-reply case (`CASES`), as for a language.
+    add_cases: bool = False
     # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
     language_weight: float = 1.0
     language_batch: int = Field(32, ge=1)
@@ -286,10 +288,11 @@ def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list
 
 class Examples:
     """Endless stream of examples from random users and the backbone's own answers: in the user's response language
-    when they have one (`language_answers`), else its plain answers."""
+    when they have one (`language_answers`), else its plain answers. With `language_share`, that share of them comes
+    from users with one of the reply forms `forms` (`reply_forms`)."""
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
-                 keywords_first: bool = False, language_share: float | None = None) -> None:
+                 keywords_first: bool = False, language_share: float | None = None, forms: Sequence[str] = ()) -> None:
         # the backbone's own answers that loop (2 % of them) would teach the thoughts to loop: left out
         self.answers = [a for a in answers if not is_loop(a["answer"])]
         self.keywords_first = keywords_first
@@ -299,9 +302,9 @@ class Examples:
                 self.by_language.setdefault(row["language"], []).append(row)
         self.users = [u for u in users if (lang := _language(u["checks"])) is None or lang in self.by_language]
         self.language_share = language_share
-        # users without and with a response language, drawn apart when language_share is set
-        self.pools = ([u for u in self.users if _language(u["checks"]) is None],
-                      [u for u in self.users if _language(u["checks"]) is not None])
+        # users without and with a reply form, drawn apart when language_share is set
+        held = [bool(set(reply_forms(u["checks"])) & set(forms)) for u in self.users]
+        self.pools = ([u for u, h in zip(self.users, held) if not h], [u for u, h in zip(self.users, held) if h])
         self.rng = random.Random(seed)
         self.seed = seed
 
@@ -367,6 +370,17 @@ def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[lis
 
 def _language(checks: list[dict]) -> str | None:
     return next((c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"), None)
+
+
+#: A whole reply's case as an offset's code (`AuxConfig.languages`): like a language, a shift of every token, which the
+#: projection every preference shares learned poorly (the thoughts of "tout en minuscules" wrote capitals).
+CASES = {"change_case:english_capital": "capital", "change_case:english_lowercase": "lowercase"}
+
+
+def reply_forms(checks: list[dict]) -> list[str]:
+    """The codes an offset may stand for in `checks`: the response language, then the case."""
+    return ([c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"]
+            + [CASES[c["instruction_id"]] for c in checks if c["instruction_id"] in CASES])
 
 
 def edited_chars(source: str, target: str) -> list[bool]:
@@ -575,10 +589,10 @@ def encode_batch(aux: SoftThoughtAux, batch: list[Example], rows: list[int], cfg
 
 
 def language_targets(aux: SoftThoughtAux, checks: list[list[dict]]) -> torch.Tensor:
-    """Each user's response language as the language head's class: 0 for none (or one the checkpoint has no offset
-    for), else 1 + its index in `AuxConfig.languages`."""
+    """Each user's reply form (`reply_forms`) as the language head's class: 0 for none (or one the checkpoint has no
+    offset for, such as English), else 1 + its index in `AuxConfig.languages`."""
     codes = aux.config.languages
-    return torch.tensor([1 + codes.index(lang) if (lang := _language(c)) in codes else 0 for c in checks],
+    return torch.tensor([next((1 + codes.index(f) for f in reply_forms(c) if f in codes), 0) for c in checks],
                         device=aux.device)
 
 
@@ -779,6 +793,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         aux.add_languages(sorted({row["language"] for row in languages}))
     elif head[0] is not None and head != (aux.config.language_head_hidden, aux.config.language_reader_layers):
         aux.new_language_head(*head)
+    if cfg.add_cases and (cases := [c for c in CASES.values() if c not in aux.config.languages]):
+        aux.add_languages(cases)
     if cfg.trains != "all":
         if not aux.config.languages:
             raise ValueError(f"trains: {cfg.trains} needs a checkpoint with languages (add_languages)")
@@ -794,7 +810,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     probe = make_probe(labels, aux, cfg).to(backbone.device) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share)
+    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share, aux.config.languages)
     asking, read = cfg.language_mentions // 3, {}
     speakers = (examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
                 + make_users(cfg.language_mentions - asking, cfg.seed + 1, "mention", held_out_phrasing=False, mentions=True)

@@ -387,6 +387,27 @@ def test_the_probes_own_users_are_drawn_apart_from_the_stream():
     assert [one.sample().summary for _ in range(10)] == [two.sample().summary for _ in range(10)]  # the stream is untouched
 
 
+def test_a_case_is_a_reply_form_beside_the_language(tiny):
+    from train_aux.train import Examples, language_targets, reply_forms
+
+    def check(instruction_id, **kwargs):
+        return {"instruction_id": instruction_id, "kwargs": kwargs}
+
+    capital = [check("change_case:english_capital"), check("punctuation:no_comma")]
+    english_lowercase = [check("language:response_language", language="en"), check("change_case:english_lowercase")]
+    french, plain = [check("language:response_language", language="fr")], [check("punctuation:no_comma")]
+    assert reply_forms(english_lowercase) == ["en", "lowercase"] and reply_forms(plain) == []
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2)
+    aux.add_languages(["fr"])
+    assert language_targets(aux, [capital, english_lowercase, french, plain]).tolist() == [0, 0, 1, 0]
+    aux.add_languages(["capital", "lowercase"])  # English has no offset: its lowercase user is the case's
+    assert language_targets(aux, [capital, english_lowercase, french, plain]).tolist() == [2, 3, 1, 0]
+    users = [{"user": str(i), "summary": str(i), "checks": c} for i, c in enumerate([capital, french, plain])]
+    answers, french_answers = [{"prompt": "Why?", "answer": "Because."}], [{"prompt": "Why?", "language": "fr", "answer": "Parce que."}]
+    assert [len(pool) for pool in Examples(users, answers, 0, french_answers, forms=["fr"]).pools] == [2, 1]
+    assert [len(pool) for pool in Examples(users, answers, 0, french_answers, forms=aux.config.languages).pools] == [1, 2]
+
+
 def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir, tiny_dir, tiny):
     from train_aux.data import write_jsonl
 
@@ -434,6 +455,18 @@ def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir
     assert "language_norm.weight" in last and not any("_reader" in k for k in last)
     assert events[-1]["backbone_fingerprint_after"] == tiny.fingerprint
     assert torch.equal(last["language_offsets"], new["language_offsets"])
+    # the cases grown beside French, their offsets trained on the users who ask for one, the head left as it was
+    shouting = [{"user": f"up{i}", "summary": f"Write everything in capital letters ({i}).",
+                 "checks": [{"instruction_id": "change_case:english_capital", "kwargs": {}}]} for i in range(6)]
+    write_jsonl(data_dir / "train_users.jsonl", users + speakers + shouting)
+    cased = train(cfg.model_copy(update={"init": str(head), "add_cases": True, "trains": "languages", "language_weight": 0,
+                                         "out": str(tmp_path / "d"), "steps": 3, "lr": 2e-2, "batch_size": 4,
+                                         "language_share": 0.9, "warmup_steps": 1}))
+    both = SoftThoughtAux.from_pretrained(cased, backbone=tiny).persistent_state_dict()
+    assert SoftThoughtAux.from_pretrained(cased, backbone=tiny).config.languages == ["fr", "capital", "lowercase"]
+    assert all(torch.equal(last[k], both[k]) for k in last if not k.startswith("language_"))
+    assert torch.equal(both["language_head.2.weight"][:2], last["language_head.2.weight"])  # the head not trained
+    assert both["language_offsets"][1].abs().sum() > 0  # the capitals' offset learned from its users
     with pytest.raises(ValueError, match="probe_weight"):
         load_config(None, {"trains": "languages", "probe_weight": 0.5})
     with pytest.raises(ValueError, match="language_head_hidden"):
