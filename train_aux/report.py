@@ -222,14 +222,17 @@ def _objective(meta: dict) -> str:
     cfg = phases[-1]["train_config"]
     ends = [p["from_step"] for p in phases[1:]] + [meta.get("steps", cfg.get("steps", "?"))]
     teachers = {"plain": "plain backbone", "text": "backbone reading the summary as text"}
-    kl, last = [], None
-    for (teacher, on, weight), a, b in _merged([
+    kl, last, spans = [], None, []
+    for what, a, b in _merged([
             ((teachers[c.get("preserve_teacher", "plain")], texts[c.get("preserve_texts", "boolq")], c["preserve_weight"]),
              p["from_step"], end) for p, end in zip(phases, ends)
             # a phase that trains the language head alone runs no backbone, so no KL
             if (c := p["train_config"]).get("preserve_weight") and c.get("trains") != "language_head"]):
+        # the same KL again after a gap is named once, over its steps ("550-800 and 1000-1100")
+        spans = spans[:-1] + [(what, f"{spans[-1][1]} and {a}-{b}")] if spans and spans[-1][0] == what else spans + [(what, f"{a}-{b}")]
+    for (teacher, on, weight), steps in spans:
         kl.append(("" if teacher == last else f"KL({teacher} || backbone after the thoughts) ")
-                  + f"on {on} (weight {weight:g}) in steps {a}-{b}")
+                  + f"on {on} (weight {weight:g}) in steps {steps}")
         last = teacher
     preserve = f", plus {' and '.join(kl)}" if kl else ""
     reply = next((p["from_step"] for p in phases if p["train_config"].get("thoughts_seen_by") == "reply"), None)
@@ -252,8 +255,11 @@ def _objective(meta: dict) -> str:
                       if (c := p["train_config"]).get("probe_weight")])
     probe = " and ".join(f"weight {w:g} in steps {a}-{b}" for w, a, b in probed) or "weight 0"
     only = {"languages": "only an offset per response language is trained (each example adds its own language's)",
-            "language_head": "only the head that picks a summary's language offset is trained"}
-    langs = "".join(f" In steps {p['from_step']}-{end}, {only[c['trains']]}"
+            "cases": "an offset per case (capitals, lowercase) is added, and only the offsets of the languages and the "
+                     "cases are trained (each example adds its own)",
+            "language_head": "only the head that picks a summary's language (or case) offset is trained"}
+    langs = "".join(f" In steps {p['from_step']}-{end}, "
+                    + only["cases" if c.get("add_cases") and c["trains"] == "languages" else c["trains"]]
                     + (f", reading the summary through the frozen backbone's first {c['language_reader_layers']} layers"
                        if c.get("language_reader_layers") else "") + "."
                     for p, end in zip(phases, ends) if (c := p["train_config"]).get("trains", "all") in only)

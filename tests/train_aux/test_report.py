@@ -109,16 +109,19 @@ def test_render_and_plot(tmp_path):
     assert ("Served with guidance 2: logits = plain + 2 x (with thoughts - plain) where KL(with thoughts || plain) "
             "exceeds 0.19 nats, the plain logits elsewhere.") in md_broad
     # language phases train only their offsets, then only the head; the probe is named where it was on
-    res["aux_meta"] = {**meta, "steps": 1000, "phases": phases + [
+    res["aux_meta"] = {**meta, "steps": 1100, "phases": phases + [
         {"from_step": 610, "train_config": {**last, "trains": "languages", "probe_weight": 0.0}},
         {"from_step": 800, "train_config": {**last, "trains": "language_head", "probe_weight": 0.0,
-                                            "language_reader_layers": 20}}]}
+                                            "language_reader_layers": 20}},
+        {"from_step": 1000, "train_config": {**last, "trains": "languages", "add_cases": True, "probe_weight": 0.0}}]}
     md_lang = render(res)
     assert "a preference probe on the thoughts (weight 0.5 in steps 0-610)" in md_lang
     assert ("In steps 610-800, only an offset per response language is trained (each example adds its own language's). "
-            "In steps 800-1000, only the head that picks a summary's language offset is trained, reading the summary "
+            "In steps 800-1000, only the head that picks a summary's language (or case) offset is trained, reading the summary "
             "through the frozen backbone's first 20 layers.") in md_lang
-    assert "own answers (weight 2) in steps 550-800." in md_lang  # the head alone runs no backbone: no KL
+    assert ("In steps 1000-1100, an offset per case (capitals, lowercase) is added, and only the offsets of the languages "
+            "and the cases are trained (each example adds its own).") in md_lang
+    assert "own answers (weight 2) in steps 550-800 and 1000-1100." in md_lang  # the head alone runs no backbone: no KL
     res["aux_meta"] = meta
     res["ifeval_full"] = {**res["ifeval_full"], "pairs": IFEVAL_PAIRS[::-1]}
     with pytest.raises(ValueError, match="IFEval, full: answered other"):
