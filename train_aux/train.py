@@ -52,7 +52,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
-from .users import make_users
+from .users import case_twin, make_users
 
 
 class TrainConfig(BaseModel):
@@ -79,7 +79,8 @@ class TrainConfig(BaseModel):
     # the head that names them (`AuxConfig.languages`): teacher forced in training (each example's own language),
     # the head's choice when served.
     add_languages: bool = False
-    # Grow an offset and the head's class for each whole-reply case (`CASES`), as for a language.
+    # Grow an offset and the head's class for each whole-reply case (`CASES`), as for a language; the head then also
+    # reads each case user's twin asking for the other case (`users.case_twin`).
     add_cases: bool = False
     # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
     language_weight: float = 1.0
@@ -816,6 +817,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                 + make_users(cfg.language_mentions - asking, cfg.seed + 1, "mention", held_out_phrasing=False, mentions=True)
                 + make_users(asking, cfg.seed + 2, "mention-asking", held_out_phrasing=False, include=("language",),
                              mentions=True))
+    if set(CASES.values()) & set(aux.config.languages):  # each case user beside its twin asking for the other case
+        speakers += [twin for u in speakers if (twin := case_twin(u)) is not None]
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),

@@ -197,6 +197,43 @@ def language_mentions(voice: str, checks: list[dict], rng: random.Random, held_o
     return parts
 
 
+#: The words that name a whole reply's case in the phrasings (and IFEval's sentences), each with its opposite.
+CASE_WORDS = {
+    "uppercase": "lowercase", "Uppercase": "Lowercase", "upper case": "lower case", "upper-case": "lower-case",
+    "upper": "lower", "capital letters": "lowercase letters", "capital letter": "lowercase letter",
+    "capitals": "lowercase", "CAPITALS": "LOWERCASE", "ALL CAPS": "all lowercase", "ALL-CAPS": "all-lowercase",
+    "all caps": "all lowercase", "caps": "lowercase", "CAPS": "lowercase", "capitalize": "lowercase",
+    "capitalized": "lowercased", "majuscules": "minuscules", "MAJUSCULES": "minuscules", "majuscule": "minuscule",
+    "capitales": "minuscules", "Großbuchstaben": "Kleinbuchstaben", "GROSSBUCHSTABEN": "Kleinbuchstaben",
+    "Großbuchstabe": "Kleinbuchstabe", "großgeschrieben": "kleingeschrieben", "groß geschrieben": "klein geschrieben",
+    "mayúsculas": "minúsculas", "MAYÚSCULAS": "minúsculas", "mayúscula": "minúscula",
+}
+CASE_WORDS |= {low: up for up, low in CASE_WORDS.items() if low not in CASE_WORDS} | {
+    "lowercase": "uppercase", "lower case": "upper case", "lowercased": "capitalized", "lower": "upper"}
+_CASE_WORD = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in sorted(CASE_WORDS, key=len, reverse=True)) + r")(?!\w)")
+_OTHER_CASE = {"change_case:english_capital": "change_case:english_lowercase",
+               "change_case:english_lowercase": "change_case:english_capital"}
+
+
+def case_twin(user: dict) -> dict | None:
+    """`user` asking for the other case: every word naming a case swapped for its opposite, and the check with it
+    (None without such a word, or with another check that names capitals). A head trained on both twins has to read
+    the word that tells them apart, not the template around it: "tout en majuscules" is not "tout en minuscules"."""
+    ids = {c["instruction_id"] for c in user["checks"]}
+    if not ids & set(_OTHER_CASE) or KINDS["capital_words"].instruction_id in ids:
+        return None
+    summary, swaps = _CASE_WORD.subn(lambda m: CASE_WORDS[m.group()], user["summary"])
+    if not swaps or any(held in summary for held in _held_out_cases()):  # never a phrasing evaluation users get
+        return None
+    checks = [{**c, "instruction_id": _OTHER_CASE.get(c["instruction_id"], c["instruction_id"])} for c in user["checks"]]
+    return {**user, "user": f"{user['user']}-twin", "summary": summary, "checks": checks}
+
+
+@functools.cache
+def _held_out_cases() -> tuple[str, ...]:
+    return tuple(variants[-1] for kind in ("capital", "lowercase") for variants in phrasings(kind).values())
+
+
 def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: tuple[str, ...] = TRAINED,
               include: tuple[str, ...] = (), typo_rate: float = 0.1, mentions: bool = False) -> dict:
     """A user with one to three compatible preferences drawn from `kinds`, one of them from `include` if given; with

@@ -17,6 +17,7 @@ from train_aux.users import (
     STYLES,
     TRAINED,
     ZERO_SHOT,
+    case_twin,
     compatible,
     kind_of,
     make_users,
@@ -62,6 +63,30 @@ def test_held_out_phrasings_never_reach_training_users():
     assert not any(h.search(u["summary"]) for u in train for k in u["kinds"] for h in held_out[k])
     assert all(any(h.search(u["summary"]) for h in held_out[k]) for u in evaluation for k in u["kinds"])
     assert not {u["summary"] for u in train} & {u["summary"] for u in evaluation}
+
+
+def test_a_case_twin_asks_for_the_other_case_and_is_never_a_held_out_phrasing():
+    def user(summary, *ids):
+        return {"user": "u", "summary": summary, "checks": [{"instruction_id": i, "kwargs": {}} for i in ids]}
+
+    twin = case_twin(user("Merci de répondre en anglais et uniquement en MAJUSCULES. Pas de virgules.",
+                          "change_case:english_capital", "punctuation:no_comma"))
+    assert twin["summary"] == "Merci de répondre en anglais et uniquement en minuscules. Pas de virgules."
+    assert [c["instruction_id"] for c in twin["checks"]] == ["change_case:english_lowercase", "punctuation:no_comma"]
+    # every word naming a case swaps, so a negation keeps its sense: "no capital letters" becomes "no lowercase letters"
+    twin = case_twin(user("Please write everything in lowercase, no capital letters anywhere.", "change_case:english_lowercase"))
+    assert twin["summary"] == "Please write everything in uppercase, no lowercase letters anywhere."
+    assert twin["checks"][0]["instruction_id"] == "change_case:english_capital"
+    assert case_twin(user("No commas.", "punctuation:no_comma")) is None
+    assert case_twin(user("block capitols", "change_case:english_capital")) is None  # no word to swap
+    # "3 words in capitals" is another check, which a swapped word would contradict
+    assert case_twin(user("All caps. At least 3 words in CAPITALS.", "change_case:english_capital",
+                          "change_case:capital_word_frequency")) is None
+    # the lowercase held-out phrasing "Réponses en anglais, tout en minuscules." is what evaluation users get
+    assert case_twin(user("Réponses en anglais, tout en majuscules.", "change_case:english_capital")) is None
+    held_out = [v[-1] for k in ("capital", "lowercase") for v in phrasings(k).values()]
+    twins = [t for u in make_users(600, 0, "train", held_out_phrasing=False) if (t := case_twin(u))]
+    assert len(twins) > 60 and not any(h in t["summary"] for t in twins for h in held_out)
 
 
 def test_language_mentions_name_a_language_and_ask_only_for_english_or_the_users_own():
