@@ -290,10 +290,11 @@ def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list
 class Examples:
     """Endless stream of examples from random users and the backbone's own answers: in the user's response language
     when they have one (`language_answers`), else its plain answers. With `language_share`, that share of them comes
-    from users with one of the reply forms `forms` (`reply_forms`)."""
+    from users with one of the reply forms `forms` (`reply_forms`; None: any)."""
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
-                 keywords_first: bool = False, language_share: float | None = None, forms: Sequence[str] = ()) -> None:
+                 keywords_first: bool = False, language_share: float | None = None,
+                 forms: Sequence[str] | None = None) -> None:
         # the backbone's own answers that loop (2 % of them) would teach the thoughts to loop: left out
         self.answers = [a for a in answers if not is_loop(a["answer"])]
         self.keywords_first = keywords_first
@@ -304,8 +305,10 @@ class Examples:
         self.users = [u for u in users if (lang := _language(u["checks"])) is None or lang in self.by_language]
         self.language_share = language_share
         # users without and with a reply form, drawn apart when language_share is set
-        held = [bool(set(reply_forms(u["checks"])) & set(forms)) for u in self.users]
+        held = [any(forms is None or f in forms for f in reply_forms(u["checks"])) for u in self.users]
         self.pools = ([u for u, h in zip(self.users, held) if not h], [u for u, h in zip(self.users, held) if h])
+        if language_share is not None and not all(self.pools):
+            raise ValueError("language_share needs users both with and without a reply form that has an offset")
         self.rng = random.Random(seed)
         self.seed = seed
 

@@ -406,6 +406,8 @@ def test_a_case_is_a_reply_form_beside_the_language(tiny):
     answers, french_answers = [{"prompt": "Why?", "answer": "Because."}], [{"prompt": "Why?", "language": "fr", "answer": "Parce que."}]
     assert [len(pool) for pool in Examples(users, answers, 0, french_answers, forms=["fr"]).pools] == [2, 1]
     assert [len(pool) for pool in Examples(users, answers, 0, french_answers, forms=aux.config.languages).pools] == [1, 2]
+    with pytest.raises(ValueError, match="language_share"):  # a share of nobody
+        Examples(users, answers, 0, french_answers, language_share=0.5, forms=["it"])
 
 
 def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir, tiny_dir, tiny):
