@@ -383,8 +383,8 @@ CASES = {"change_case:english_capital": "capital", "change_case:english_lowercas
 
 def reply_forms(checks: list[dict]) -> list[str]:
     """The codes an offset may stand for in `checks`: the response language, then the case."""
-    return ([c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"]
-            + [CASES[c["instruction_id"]] for c in checks if c["instruction_id"] in CASES])
+    return ([lang] if (lang := _language(checks)) else []) + [CASES[c["instruction_id"]] for c in checks
+                                                              if c["instruction_id"] in CASES]
 
 
 def edited_chars(source: str, target: str) -> list[bool]:
