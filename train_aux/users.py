@@ -27,6 +27,8 @@ LANGUAGE_NAMES = {
     "fr": {"fr": "français", "de": "allemand", "es": "espagnol", "it": "italien", "pt": "portugais"},
     "de": {"fr": "Französisch", "de": "Deutsch", "es": "Spanisch", "it": "Italienisch", "pt": "Portugiesisch"},
     "es": {"fr": "francés", "de": "alemán", "es": "español", "it": "italiano", "pt": "portugués"},
+    "it": {"fr": "francese", "de": "tedesco", "es": "spagnolo", "it": "italiano", "pt": "portoghese"},
+    "pt": {"fr": "francês", "de": "alemão", "es": "espanhol", "it": "italiano", "pt": "português"},
 }
 #: Where a country is and where someone is from, as a phrasing written in each language says it.
 COUNTRIES = {
@@ -197,6 +199,13 @@ def language_mentions(voice: str, checks: list[dict], rng: random.Random, held_o
     return parts
 
 
+def foreign_request(language: str, rng: random.Random, held_out: bool) -> str:
+    """A request for replies in `language` written in Italian or Portuguese, which no voice writes in."""
+    lang = rng.choice(["it", "pt"])
+    return _variant(phrasings("language_mentions")["asking"][lang], rng, held_out).format(
+        language=LANGUAGE_NAMES[lang][language])
+
+
 #: The words that name a whole reply's case in the phrasings (and IFEval's sentences), each with its opposite.
 CASE_WORDS = {
     "uppercase": "lowercase", "Uppercase": "Lowercase", "upper case": "lower case", "upper-case": "lower-case",
@@ -249,7 +258,10 @@ def make_user(user_id: str, rng: random.Random, held_out_phrasing: bool, kinds: 
     for kind in chosen:
         kwargs = KINDS[kind].sample(rng)
         checks.append({"instruction_id": KINDS[kind].instruction_id, "kwargs": kwargs})
-        fragments.append(phrase(kind, kwargs, rng.choice(VOICES[voice]), rng, held_out_phrasing, typo_rate))
+        if mentions and kind == "language" and rng.random() < 0.2:  # now and then asked in Italian or Portuguese
+            fragments.append(foreign_request(kwargs["language"], rng, held_out_phrasing))
+        else:
+            fragments.append(phrase(kind, kwargs, rng.choice(VOICES[voice]), rng, held_out_phrasing, typo_rate))
     facts = PERSONAS["third" if voice in ("third", "terse") else voice if voice in PERSONAS else "first"]
     parts = fragments + rng.sample(facts, rng.choice([0, 0, 1, 2, 3]))
     if mentions:

@@ -104,6 +104,12 @@ def test_language_mentions_name_a_language_and_ask_only_for_english_or_the_users
     english = [u for u in train if {"instruction_id": KINDS["language"].instruction_id, "kwargs": {"language": "en"}} in u["checks"]]
     assert 0.15 < len(english) / len(train) < 0.4
     assert not any(c["kwargs"].get("language") == "en" for u in asking for c in u["checks"])
+    # a fifth of the requests are written in Italian or Portuguese, naming the language asked for as they spell it
+    foreign = [u for u in asking if any(_pattern(p).search(u["summary"]) for part in table["asking"].values() for p in part)]
+    assert 0.08 < len(foreign) / len(asking) < 0.35
+    for u in foreign:
+        asked = next(c["kwargs"]["language"] for c in u["checks"] if c["instruction_id"] == KINDS["language"].instruction_id)
+        assert any(f" {LANGUAGE_NAMES[lang][asked]}" in u["summary"] for lang in ("it", "pt"))
     evaluation = make_users(50, 2, "e", held_out_phrasing=True, typo_rate=0.0, mentions=True)
     assert all(any(h.search(u["summary"]) for h in held_out) for u in evaluation)
     # without mentions the users are what they always were: the committed data sets stay reproducible
