@@ -2,6 +2,7 @@
 
     python -m train_aux.eval personalization --users U.jsonl --prompts P.jsonl [--aux DIR] --json OUT.json
     python -m train_aux.eval general --tasks hellaswag,arc_easy,piqa --n 1000 [--aux DIR] --users U.jsonl --json OUT.json
+    python -m train_aux.eval head [--users U.jsonl] [--aux DIR] --json OUT.json
 
 `--backbone DIR` evaluates another backbone (e.g. a fine-tuned baseline) the same way.
 """
@@ -583,6 +584,9 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--pairs-per-user", type=int, default=2)
     o.add_argument("--max-new-tokens", type=int, default=96)
     o.add_argument("--plot", help="PNG of the recovery curves")
+    h = sub.add_parser("head", help="the language head's choices of reply form against the ones the summaries ask for "
+                                    "(train_aux.head_eval)")
+    h.add_argument("--data-dir", default="train_aux/data-broad", help="where the hand-written and dev users are")
     for s in (p, g, f):
         s.add_argument("--guidance", type=float, help="the soft condition's guidance on the thoughts: logits = plain + "
                                                       "GUIDANCE * (with thoughts - plain), replies and scored choices "
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--gpus-per-worker", type=float, default=0.0)
         s.add_argument("--cpus-per-worker", type=float, default=1.0)
         s.add_argument("--shard-size", type=int, default=32, help="with --workers: items per chunk handed to a worker")
-    for s in (p, g, f, b, o):
+    for s in (p, g, f, b, o, h):
         s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU if one is visible); with "
                                                        "--workers, where each worker runs (auto: its own GPU)")
         s.add_argument("--aux", help="auxiliary checkpoint (default: the shipped one)")
@@ -606,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--json", required=True)
     o.add_argument("--users", help=argparse.SUPPRESS)  # the simulated users are drawn from the question bank
+    h.add_argument("--users", help="comma-separated user files, each a set (default: head_eval.head_dev_sets)")
     args = ap.parse_args(argv)
     workers = getattr(args, "workers", None)
     if workers is not None and (workers < 1 or args.shard_size < 1):
@@ -622,8 +627,19 @@ def main(argv: list[str] | None = None) -> None:
         if path is None:
             ap.error("no auxiliary checkpoint: pass --aux DIR or --no-aux")
         aux = SoftThoughtAux.from_pretrained(path, backbone=backbone).to(backbone.device).eval()
-    users = read_jsonl(args.users) if args.users else []
-    if args.command == "onboarding":
+    users = read_jsonl(args.users) if args.users and args.command != "head" else []
+    if args.command == "head":
+        from . import head_eval
+
+        if aux is None:
+            ap.error("head evaluates an auxiliary checkpoint's language head: drop --no-aux")
+        sets = ({Path(f).stem: read_jsonl(f) for f in args.users.split(",")} if args.users
+                else head_eval.head_dev_sets(Path(args.data_dir)))
+        try:
+            report = head_eval.evaluate(aux, sets)
+        except ValueError as e:
+            ap.error(str(e))
+    elif args.command == "onboarding":
         from . import onboarding_eval
 
         if aux is None:
@@ -671,6 +687,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = {"questions_to_80": {k: c["questions_to_80"] for k, c in report["recovery"]["curves"].items()},
                    **{k: v["check_pass_rate"] for k, v in report["end_to_end"].items()},
                    "semantic_vs_episodic": report["semantic_vs_episodic"]["check_pass_rate"]}
+    elif args.command == "head":
+        summary = {name: {"n": r["n"], **{g: r[g] for g in ("language", "case")}}
+                   for name, r in report["sets"].items()}
     elif args.command == "ifeval":
         summary = {k: report[k] for k in ("n", "soft_minus_none") if k in report} | {
             c: {m: round(report[c][m], 4) for m in ("prompt_level_strict", "instruction_level_strict")}
