@@ -3,6 +3,8 @@ IFEval's (`softthought.ifeval`)."""
 
 from __future__ import annotations
 
+import re
+
 #: The checks a user's preferences may carry (IFEval instruction ids): every standing-preference type of `users.KINDS`.
 CHECK_IDS = (
     "language:response_language",
@@ -41,3 +43,21 @@ def is_loop(text: str) -> bool:
     """A degenerate reply: at least half of its 4-grams repeat. Checks it passes (no comma, no forbidden word) are
     hollow, and as a training target it teaches looping."""
     return repetition(text) >= 0.5
+
+
+#: Words of five letters or more that say nothing of a question's topic.
+_FUNCTION_WORDS = frozenset({"there", "their", "these", "those", "which", "where", "while", "would", "should", "could",
+                             "about", "after", "before", "other", "every", "still", "being", "always", "never",
+                             "really", "thing", "things", "people", "think"})
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in (m.lower() for m in re.findall(r"[^\W\d_]{5,}", text)) if w not in _FUNCTION_WORDS}
+
+
+def on_topic(prompt: str, reply: str) -> bool:
+    """Whether a reply repeats a content word (five letters or more) of its prompt: a crude sign that it addresses
+    the question, which no IFEval check asks. A reply that writes only a preference's form ('{"answer my
+    question"}', "That Is All") passes its checks and says nothing; the plain backbone's replies repeat one about
+    85 % of the time."""
+    return bool(content_words(prompt) & content_words(reply))

@@ -41,7 +41,7 @@ from softthought.splice import (
     with_system_text,
 )
 
-from .checks import is_loop
+from .checks import is_loop, on_topic
 from .data import encode_pair, read_jsonl, summary_before
 from .eval_workers import InProcess, RayWorkers
 from .ifeval_phrasings import split_of
@@ -138,6 +138,11 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             # checks passed by replies that are not loops: what a reader would grant
             "sound_check_pass_rate": sum(sum(o) for o, loop in zip(outcomes, loops) if not loop) / n_checks,
             "degenerate": loops,
+            "on_topic_rate": (topic := sum(topical := [on_topic(p, r.text) for (_, p), r in zip(pairs, results)]) / len(results)),
+            "on_topic_rate_se": _se(topic, len(results)),
+            # checks passed by replies that repeat something of the question and do not loop
+            "on_topic_check_pass_rate": sum(sum(o) for o, t, loop in zip(outcomes, topical, loops) if t and not loop) / n_checks,
+            "on_topic": topical,
             "per_instruction": {k: {"pass_rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_id.items())},
             "passed": outcomes,
         }
@@ -696,7 +701,9 @@ def main(argv: list[str] | None = None) -> None:
             for c in ("none", "soft") if c in report}
     else:
         summary = {k: ({m: round(v[m], 3) for m in ("check_pass_rate", "all_pass_rate", "degenerate_rate",
-                                                              "sound_check_pass_rate")} if k in CONDITIONS else
+                                                              "sound_check_pass_rate", "on_topic_rate",
+                                                              "on_topic_check_pass_rate") if m in v}
+                       if k in CONDITIONS else
                        {name: x for name, x in v.items() if name != "plain_loglik"})
                    for k, v in report.items() if k in CONDITIONS or k in ("hellaswag", "arc_easy", "piqa")}
     print(json.dumps(summary, indent=2))

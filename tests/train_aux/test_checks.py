@@ -83,3 +83,14 @@ def test_a_loop_is_told_from_prose():
     assert is_loop("* * *\n" * 24) and is_loop("DON'T TRY TO SEE THE FINISHED STORY, " * 8)
     prose = "Honey bees produce honey, a vital resource for people and for the plants whose flowers they pollinate."
     assert repetition(prose) == 0.0 and not is_loop(prose) and not is_loop("No, no, no.")  # too short to judge
+
+
+def test_a_reply_on_topic_repeats_a_content_word_of_its_prompt():
+    from train_aux.checks import on_topic
+
+    prompt = "Is there a 3rd season of Berlin Station?"
+    assert on_topic(prompt, "Yes, the third SEASON of Berlin Station aired in 2018.")
+    assert on_topic(prompt, "Oui, la saison 3 de « Berlin Station » existe.")  # a name survives another language
+    # a preference's form with nothing of the question, and a reply sharing only a function word
+    for reply in ('{"answer my question"}', "``That Is All``", "There is no way to know.", "P.P.S 3rd"):
+        assert not on_topic(prompt, reply)

@@ -125,6 +125,8 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
         assert 0 <= report[cond]["check_pass_rate"] <= 1 and report[cond]["n_responses"] == 3
         assert 0 <= report[cond]["degenerate_rate"] <= 1 and len(report[cond]["degenerate"]) == 3
         assert report[cond]["sound_check_pass_rate"] <= report[cond]["check_pass_rate"]
+        assert 0 <= report[cond]["on_topic_rate"] <= 1 and len(report[cond]["on_topic"]) == 3
+        assert report[cond]["on_topic_check_pass_rate"] <= report[cond]["sound_check_pass_rate"]
     assert report["soft"]["mean_prompt_tokens"] != report["text"]["mean_prompt_tokens"]
     # paired on the same checks, the mean difference is exactly the difference of the rates
     for a, b in (("none", "soft"), ("text", "soft"), ("none", "text")):
