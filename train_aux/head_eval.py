@@ -1,5 +1,5 @@
 """The language head's choices on users it was not trained on: the reply form (a response language or a case) it names
-for each summary against the one the summary asks for. The head's phases in EXPERIMENTS.md were chosen on these.
+for each summary against the one the summary asks for: what a phase that trains the head is judged on (EXPERIMENTS.md).
 
     python -m train_aux.eval head --json OUT.json                  # the head-dev sets below
     python -m train_aux.eval head --users U.jsonl --json OUT.json
