@@ -58,6 +58,6 @@ def content_words(text: str) -> set[str]:
 def on_topic(prompt: str, reply: str) -> bool:
     """Whether a reply repeats a content word (five letters or more) of its prompt: a crude sign that it addresses
     the question, which no IFEval check asks. A reply that writes only a preference's form ('{"answer my
-    question"}', "That Is All") passes its checks and says nothing; the plain backbone's replies repeat one about
-    85 % of the time."""
+    question"}', "That Is All") passes its checks and says nothing; four in five of the plain backbone's replies
+    repeat one."""
     return bool(content_words(prompt) & content_words(reply))

@@ -128,6 +128,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
                 samples.append({"condition": cond, "user": u["user"], "summary": u["summary"], "prompt": p,
                                 "response": r.text, "passed": outcome})
         n_checks = sum(len(o) for o in outcomes)
+        topical = [on_topic(p, r.text) for (_, p), r in zip(pairs, results)]
         rate, all_rate = sum(map(sum, outcomes)) / n_checks, sum(map(all, outcomes)) / len(pairs)
         report[cond] = {
             "check_pass_rate": rate, "check_pass_rate_se": _se(rate, n_checks), "n_checks": n_checks,
@@ -138,7 +139,7 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
             # checks passed by replies that are not loops: what a reader would grant
             "sound_check_pass_rate": sum(sum(o) for o, loop in zip(outcomes, loops) if not loop) / n_checks,
             "degenerate": loops,
-            "on_topic_rate": (topic := sum(topical := [on_topic(p, r.text) for (_, p), r in zip(pairs, results)]) / len(results)),
+            "on_topic_rate": (topic := sum(topical) / len(results)),
             "on_topic_rate_se": _se(topic, len(results)),
             # checks passed by replies that repeat something of the question and do not loop
             "on_topic_check_pass_rate": sum(sum(o) for o, t, loop in zip(outcomes, topical, loops) if t and not loop) / n_checks,
