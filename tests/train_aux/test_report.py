@@ -72,6 +72,11 @@ def test_render_and_plot(tmp_path):
     # (b) and (c) against text and none, paired as (a); per type on both
     assert "| (b) phrased from the held-out IFEval sentences | 80 | 300 | 5.0 | 20.0 | 40.0 | +" in md
     assert "| (c) preference types held out of training | 80 | 300 | 5.0 | 50.0 | 30.0 | -" in md
+    # how often replies repeat their prompt's words, where the results recorded it
+    assert md.count("| not measured |") == 3
+    for c, rate in (("none", 0.825), ("text", 0.719), ("soft", 0.287)):
+        res["pers"][c]["on_topic_rate"] = rate
+    assert render(res).count("| not measured |") == 2 and "| 82.5 / 71.9 / 28.7 |" in render(res)
     assert "| `change_case:english_lowercase` | 50 | 20 | 40 | 50 | 50 | 30 |" in md
     # IFEval: each fine-tuned copy paired prompt by prompt with the plain backbone
     assert "| frozen backbone + soft thoughts | 40.0 | 45.0 | -10.0 ± 10.0 |" in md
