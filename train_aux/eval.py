@@ -49,6 +49,8 @@ from .paths import shared_data
 from .users import compatible, kind_of
 
 CONDITIONS = ("none", "text", "soft")
+#: Replies kept as samples: the first pairs' in each condition but none, so text and soft are read side by side.
+SAMPLE_PAIRS = 30
 #: Bumped when a personalization result gains fields the report needs (2: per-pair outcomes, paired margins).
 PERSONALIZATION_FORMAT = 2
 #: How `general` scored the choices (its result's "scoring"; results from before it was recorded are per-choice).
@@ -119,12 +121,12 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
         print(f"personalization/{cond}: generating {len(built)} replies", file=sys.stderr, flush=True)
         results = run.map(generate_replies, built, replace(params, **reading) if cond == "soft" else params, batch)
         outcomes, per_id = [], defaultdict(list)
-        for (u, p), r in zip(pairs, results):
+        for i, ((u, p), r) in enumerate(zip(pairs, results)):
             outcome = check_all(r.text, u["checks"])
             outcomes.append(outcome)
             for c, ok in zip(u["checks"], outcome):
                 per_id[c["instruction_id"]].append(ok)
-            if len(samples) < 60 and cond != "none":
+            if i < SAMPLE_PAIRS and cond != "none":
                 samples.append({"condition": cond, "user": u["user"], "summary": u["summary"], "prompt": p,
                                 "response": r.text, "passed": outcome})
         n_checks = sum(len(o) for o in outcomes)

@@ -324,6 +324,10 @@ def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
     assert report["guidance"] == 0.0 and report["guidance_gate"] == 0.0
     assert instruction_following(tiny, aux, users, n=2, max_new_tokens=4, seed=0)["guidance"] == 0.0
     assert personalization(tiny, aux, users[:1], ["Hi."], 1, 2, 0, conditions=("soft",), guidance=1.5)["guidance"] == 1.5
+    both = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 2, 0, conditions=("text", "soft"))
+    # the same first pairs' replies in each condition shown, side by side
+    assert [(s["user"], s["prompt"]) for s in both["samples"] if s["condition"] == "text"] == \
+        [(s["user"], s["prompt"]) for s in both["samples"] if s["condition"] == "soft"] == [tuple(x) for x in both["pairs"]]
     plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
     replies = generate_replies(tiny, plain, SamplingParams(max_tokens=6, temperature=0), 4)
     assert [s["response"] for s in report["samples"]] == [r.text for r in replies]
