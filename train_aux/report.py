@@ -269,7 +269,8 @@ def _objective(meta: dict) -> str:
            if meta.get("guidance_gate") else "") + ".")
     return (f"Training ({len(phases)} phase{'s' if len(phases) > 1 else ''}): cross-entropy on the backbone's own answers "
             f"edited to satisfy each user's checks, the tokens the edit changed weighted x{cfg.get('edit_weight', 1.0):g}, "
-            f"plus a preference probe on the thoughts ({probe}){preserve}."
+            + ("" if cfg.get("end_weight") is None else f"the end of turn x{cfg['end_weight']:g}, ")
+            + f"plus a preference probe on the thoughts ({probe}){preserve}."
             f"{reading}{on_data}{copying}{loops}{langs}{guided}")
 
 

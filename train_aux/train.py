@@ -113,6 +113,9 @@ class TrainConfig(BaseModel):
     # lives in the few tokens the edit changed. Without weighting them up, training collapses every user onto
     # the same thoughts (pairwise cosine 0.997 across users after 400 steps).
     edit_weight: float = 1.0
+    # The end of turn's weight, where the reply's length is decided (None: `edit_weight`'s). Every target ends where a
+    # short teacher answer was cut, so weighting it as the form teaches replies to stop early.
+    end_weight: float | None = Field(None, ge=0)
     # Weight of a multi-label probe (training only) that must read the user's preferences (`probe_labels`) off the
     # thoughts: it keeps users' thoughts apart while the backbone learns to use them.
     probe_weight: float = 0.0
@@ -421,21 +424,25 @@ def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies
 
 
 def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
-                max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+                max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0,
+                end_weight: float | None = None) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each target reply (+ end of turn) after its prompt, the weighted mean of `target_sums`;
     returns (loss, target tokens)."""
-    total, weights, n_tokens = target_sums(model, table, tokenizer, prompts, targets, max_target, sources, edit_weight)
+    total, weights, n_tokens = target_sums(model, table, tokenizer, prompts, targets, max_target, sources, edit_weight,
+                                           end_weight)
     return total / weights, n_tokens
 
 
 def target_sums(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
-                max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0) -> tuple[torch.Tensor, float, int]:
+                max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0,
+                end_weight: float | None = None) -> tuple[torch.Tensor, float, int]:
     """The weighted sum of the target tokens' negative log-likelihoods (each reply + end of turn, after its prompt),
     the sum of the weights, and the number of target tokens.
 
-    With `sources` (the unedited answers) and `edit_weight` > 1, the tokens the edit touched and the end of turn
-    (where the reply's length is decided) count `edit_weight` times.
+    With `sources` (the unedited answers), the tokens the edit touched count `edit_weight` times and the end of turn
+    (where the reply's length is decided) `end_weight` times (None: `edit_weight`).
     """
+    end_weight = edit_weight if end_weight is None else end_weight
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     target_ids, target_weights = [], []
     for i, target in enumerate(targets):
@@ -445,7 +452,8 @@ def target_sums(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
         if sources is not None:
             flags = edited_chars(sources[i], target)
             spans = list(enc["offset_mapping"]) + [(len(target), len(target) + 1)]
-            weights = [edit_weight if a >= len(target) or any(flags[a:b]) else 1.0 for a, b in spans[: len(ids)]]
+            weights = [end_weight if a >= len(target) else edit_weight if any(flags[a:b]) else 1.0
+                       for a, b in spans[: len(ids)]]
         target_ids.append(ids)
         target_weights.append(weights)
     nll = -torch.cat(reply_logprobs(model, table, prompts, target_ids))
@@ -631,7 +639,7 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                for i in rows}
     total, weights, n_tokens = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
                                            [prompts[i] for i in rows], [batch[i].target for i in rows], cfg.max_target_tokens,
-                                           [batch[i].answer for i in rows], cfg.edit_weight)
+                                           [batch[i].answer for i in rows], cfg.edit_weight, cfg.end_weight)
     terms = {"target": Term(total, weights)}
     stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     if preserved := [i for i in rows if texts and i < len(texts)]:
@@ -652,7 +660,8 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
         if cfg.own_weight > 0 and (own := own_targets([batch[i] for i in rolled], [r.text for r in replies], cfg.keywords_first)):
             total, weights, _ = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
                                             [asked[j] for j, _, _ in own], [t for _, _, t in own],
-                                            cfg.max_target_tokens, [s for _, s, _ in own], cfg.edit_weight)
+                                            cfg.max_target_tokens, [s for _, s, _ in own], cfg.edit_weight,
+                                            cfg.end_weight)
             terms["own"] = Term(total, weights)
             stats["own_targets"] = len(own)
     return terms, stats

@@ -92,6 +92,12 @@ def test_render_and_plot(tmp_path):
             "float32.") in md
     # soft passes the first check of responses 0-79, text of 0-15, LoRA of 0-63: 64 and 16 more of the 240 checks
     assert "| summary as text | +26.7 ± " in md and "| LoRA fine-tuned backbone + text | +6.7 ± " in md
+    # an end of turn weighed apart from the edit is named
+    meta = res["aux_meta"]
+    res["aux_meta"] = {**meta, "steps": 700, "phases": meta["phases"] + [
+        {"from_step": 610, "train_config": {**meta["phases"][-1]["train_config"], "end_weight": 1.0}}]}
+    assert "the tokens the edit changed weighted x5, the end of turn x1, plus a preference probe" in render(res)
+    res["aux_meta"] = meta
     # a further phase whose KL teacher reads the summary names that teacher
     meta = res["aux_meta"]
     phases = meta["phases"]

@@ -158,6 +158,13 @@ def test_edit_weight_moves_the_loss_toward_edited_tokens(tiny):
         heavy, _ = target_loss(tiny.model, table, tok, prompts, targets, 32, sources, edit_weight=50.0)
     assert torch.allclose(plain, same) and n > 0
     assert not torch.allclose(plain, heavy)
+    # the end of turn weighs apart from the form: only its own weight moves the loss of a target the edit left alone
+    with torch.no_grad():
+        untouched = [prompts[1]], ["A cat sat."], 32, ["A cat sat."]
+        assert torch.allclose(target_loss(tiny.model, table, tok, *untouched, edit_weight=50.0, end_weight=1.0)[0],
+                              target_loss(tiny.model, table, tok, *untouched, edit_weight=1.0)[0])
+        assert not torch.allclose(target_loss(tiny.model, table, tok, *untouched, edit_weight=1.0, end_weight=50.0)[0],
+                                  target_loss(tiny.model, table, tok, *untouched, edit_weight=1.0)[0])
 
 
 def test_preservation_loss_is_a_kl_that_only_the_thoughts_can_lower(tiny):
