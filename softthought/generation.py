@@ -37,6 +37,9 @@ class SamplingParams:
     # Guidance only where the thoughts move the next token: a position whose unguided KL(prompt's || guide's) is at
     # most this many nats takes the guide's logits (`guided_logits`); 0 guides every position.
     guidance_gate: float = 0.0
+    # OpenAI's penalties on the reply's own tokens so far: logit -= count * frequency + (count > 0) * presence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -49,6 +52,8 @@ class SamplingParams:
             raise ValueError("guidance must be in [0, 10]")
         if self.guidance_gate < 0:
             raise ValueError("guidance_gate must be >= 0")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         self.stop = tuple(s for s in (self.stop or ()) if s)
 
 
@@ -270,6 +275,12 @@ class Engine:
             scale = torch.tensor([seqs[i].params.guidance for i, _ in guided], device=logits.device)[:, None]
             gate = torch.tensor([seqs[i].params.guidance_gate for i, _ in guided], device=logits.device)[:, None]
             logits[own] = guided_logits(logits[own], logits[guide], scale, gate)
+        for i, s in enumerate(seqs):
+            p = s.params
+            if (p.presence_penalty or p.frequency_penalty) and s.generated and s.guides is None:
+                counts = torch.bincount(torch.tensor(s.generated, device=logits.device), minlength=logits.shape[-1])
+                counts = counts[: logits.shape[-1]].to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             p = s.params

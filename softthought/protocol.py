@@ -1,7 +1,7 @@
 """OpenAI wire format (requests, responses, stream chunks, errors) as pydantic models.
 
 Unknown request parameters are rejected with a 400 naming them. A few that clients commonly send are
-accepted at their no-op values only (penalties 0, logprobs off, text response format), as vLLM does for
+accepted at their no-op values only (logprobs off, text response format), as vLLM does for
 parameters it cannot honour; any other value is rejected rather than silently ignored.
 """
 
@@ -115,9 +115,9 @@ class _SamplingRequest(_Strict):
     preference_summary: str | None = None
     # vLLM's extension: keep generating past end-of-sequence up to max_tokens (benchmarks use it for equal work)
     ignore_eos: StrictBool = False
-    # accepted at their no-op values only
-    presence_penalty: float = Field(default=0.0, strict=True)
-    frequency_penalty: float = Field(default=0.0, strict=True)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
+    # accepted at its no-op value only
     logprobs: StrictBool | None = None
 
     @field_validator("stop")
@@ -127,13 +127,6 @@ class _SamplingRequest(_Strict):
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v != 0:
-            raise ValueError("penalties are not supported; only 0 is accepted")
-        return v
 
     @field_validator("logprobs")
     @classmethod

@@ -124,6 +124,7 @@ class VllmEngine(ServingEngine):
 
         return VllmSamplingParams(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             stop=list(params.stop), ignore_eos=params.ignore_eos, stop_token_ids=[] if params.ignore_eos else self._eos,
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
         )

@@ -150,8 +150,27 @@ def test_prompt_longer_than_context_is_refused(tiny):
         Engine(tiny).add(prompt, SamplingParams(max_tokens=400))
 
 
+def test_penalties_decode_as_openai_defines_them(tiny):
+    """Greedy with OpenAI's penalties: each token the argmax of the logits less frequency x count + presence x
+    (count > 0), counting the reply's own tokens so far (not the prompt's), alone and in a batch."""
+    prompt = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Hello"}])
+    table, expected = tiny.model.get_input_embeddings(), []
+    with torch.no_grad():
+        for _ in range(40):
+            reply = torch.tensor(expected, dtype=torch.long)
+            logits = tiny.model(inputs_embeds=torch.cat([embed_prompt(table, prompt), table(reply)])[None]).logits[0, -1]
+            counts = torch.bincount(reply, minlength=logits.shape[0]).float()
+            expected.append(int((logits.float() - 0.3 * counts - 0.5 * (counts > 0).float()).argmax()))
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, presence_penalty=0.5, frequency_penalty=0.3)
+    unpenalized = Engine(tiny).generate([prompt], replace(params, presence_penalty=0, frequency_penalty=0))[0].token_ids
+    assert len(set(unpenalized)) < len(unpenalized) and unpenalized != expected  # the reply repeats; the penalty matters
+    assert Engine(tiny).generate([prompt], params)[0].token_ids == expected
+    other = build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": "Tell me about the sea."}])
+    assert Engine(tiny).generate([other, prompt], params)[1].token_ids == expected
+
+
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(guidance=-1),
-                                 dict(guidance=11)])
+                                 dict(guidance=11), dict(presence_penalty=2.5), dict(frequency_penalty=-3)])
 def test_bad_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -25,6 +25,8 @@ def test_what_openai_accepts_is_accepted():
         {**CHAT, "temperature": 1, "seed": 2**63 - 1, "user": "", "stream": False, "max_tokens": 8})
     assert req.temperature == 1.0 and req.seed == 2**63 - 1
     assert oai.ChatCompletionRequest.model_validate({**CHAT, "seed": -(2**63), "user": "ü" * 256}).user == "ü" * 256
+    penalized = oai.ChatCompletionRequest.model_validate({**CHAT, "presence_penalty": -2, "frequency_penalty": 1.5})
+    assert (penalized.presence_penalty, penalized.frequency_penalty) == (-2.0, 1.5)
 
 
 @pytest.mark.parametrize("user", ["", "x" * 257, "a\x00b", "tab\there"])

@@ -324,7 +324,8 @@ class Ingress:
         streams = []
         for i in range(req.n):
             params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                      "seed": None if req.seed is None else req.seed + i, "stop": req.stop, "ignore_eos": req.ignore_eos}
+                      "seed": None if req.seed is None else req.seed + i, "stop": req.stop, "ignore_eos": req.ignore_eos,
+                      "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
             streams.append(self.stream_backbone.generate.remote({**payload, "params": params,
                                                                  "request_id": f"{request_id}-{i}"}))
         firsts = await asyncio.gather(*(s.__anext__() for s in streams))

@@ -148,6 +148,17 @@ def test_stop_sequence(client):
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
+def test_penalties_are_applied_as_the_engine_applies_them(client, smollm):
+    """OpenAI's presence and frequency penalties reach the engine: the reply is the in-process engine's with them,
+    not the unpenalized one."""
+    kwargs = dict(model="softthought", messages=HELLO, max_tokens=16, temperature=0)
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    penalized = client.chat.completions.create(**kwargs, presence_penalty=0.5, frequency_penalty=1.0)
+    params = SamplingParams(max_tokens=16, temperature=0, presence_penalty=0.5, frequency_penalty=1.0)
+    expected = Engine(smollm).generate([build_chat_prompt(smollm.tokenizer, HELLO)], params)[0].text
+    assert penalized.choices[0].message.content == expected != plain
+
+
 def test_ignore_eos_extension_runs_to_max_tokens(client):
     capital = [{"role": "user", "content": "What is the capital of France?"}]
     plain = client.chat.completions.create(model="softthought", messages=capital, max_tokens=40, temperature=0)

@@ -20,7 +20,7 @@ CASES = [
     ("bad role", "POST", "/v1/chat/completions", {**OK, "messages": [{"role": "wizard", "content": "x"}]}, None, 400,
      "messages.0.role"),
     ("unknown parameter", "POST", "/v1/chat/completions", {**OK, "tools": []}, None, 400, "tools"),
-    ("unsupported penalty", "POST", "/v1/chat/completions", {**OK, "frequency_penalty": 0.5}, None, 400,
+    ("penalty out of range", "POST", "/v1/chat/completions", {**OK, "frequency_penalty": 2.5}, None, 400,
      "frequency_penalty"),
     ("max_tokens over limit", "POST", "/v1/chat/completions", {**OK, "max_tokens": 100000}, None, 400, "max_tokens"),
     ("n too large", "POST", "/v1/chat/completions", {**OK, "n": 9}, None, 400, "n"),
