@@ -150,11 +150,11 @@ def test_stop_sequence(client):
 
 def test_penalties_are_applied_as_the_engine_applies_them(client, smollm):
     """OpenAI's presence and frequency penalties reach the engine: the reply is the in-process engine's with them,
-    not the unpenalized one."""
-    kwargs = dict(model="softthought", messages=HELLO, max_tokens=16, temperature=0)
+    not the unpenalized one (negative ones, which favour repeats: the plain reply repeats nothing this early)."""
+    kwargs = dict(model="softthought", messages=HELLO, max_tokens=24, temperature=0)
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
-    penalized = client.chat.completions.create(**kwargs, presence_penalty=0.5, frequency_penalty=1.0)
-    params = SamplingParams(max_tokens=16, temperature=0, presence_penalty=0.5, frequency_penalty=1.0)
+    penalized = client.chat.completions.create(**kwargs, presence_penalty=-2, frequency_penalty=-2)
+    params = SamplingParams(max_tokens=24, temperature=0, presence_penalty=-2, frequency_penalty=-2)
     expected = Engine(smollm).generate([build_chat_prompt(smollm.tokenizer, HELLO)], params)[0].text
     assert penalized.choices[0].message.content == expected != plain
 
