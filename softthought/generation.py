@@ -278,8 +278,8 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             if (p.presence_penalty or p.frequency_penalty) and s.generated and s.guides is None:
-                counts = torch.bincount(torch.tensor(s.generated, device=logits.device), minlength=logits.shape[-1])
-                counts = counts[: logits.shape[-1]].to(logits.dtype)
+                counts = torch.bincount(torch.tensor(s.generated, device=logits.device),
+                                        minlength=logits.shape[-1]).to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):

@@ -7,6 +7,7 @@ import torch
 from softthought.aux_model import SoftThoughtAux
 from softthought.generation import SamplingParams
 from softthought.splice import OPENING, Placement, build_chat_prompt
+from train_aux import eval as eval_module
 from train_aux.data import write_jsonl
 from train_aux.eval import (
     against_plain,
@@ -312,7 +313,7 @@ def test_instruction_following_pairs_plain_and_thoughts_on_held_out_prompts(tiny
     assert other["none"]["prompt_level_strict"] >= 0
 
 
-def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
+def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny, monkeypatch):
     """logits = plain + 0 * (with thoughts - plain): the soft replies are then the plain prompt's, token for token.
     The checkpoint's own guidance is the default, as the server reads it."""
     torch.manual_seed(0)
@@ -324,10 +325,11 @@ def test_personalization_guidance_zero_writes_the_plain_backbones_replies(tiny):
     assert report["guidance"] == 0.0 and report["guidance_gate"] == 0.0
     assert instruction_following(tiny, aux, users, n=2, max_new_tokens=4, seed=0)["guidance"] == 0.0
     assert personalization(tiny, aux, users[:1], ["Hi."], 1, 2, 0, conditions=("soft",), guidance=1.5)["guidance"] == 1.5
+    monkeypatch.setattr(eval_module, "SAMPLE_PAIRS", 2)  # fewer than the 3 pairs: the cap is per condition
     both = personalization(tiny, aux, users, ["Hello there.", "Tell me about the sea."], 1, 2, 0, conditions=("text", "soft"))
     # the same first pairs' replies in each condition shown, side by side
     assert [(s["user"], s["prompt"]) for s in both["samples"] if s["condition"] == "text"] == \
-        [(s["user"], s["prompt"]) for s in both["samples"] if s["condition"] == "soft"] == [tuple(x) for x in both["pairs"]]
+        [(s["user"], s["prompt"]) for s in both["samples"] if s["condition"] == "soft"] == [tuple(x) for x in both["pairs"][:2]]
     plain = [build_chat_prompt(tiny.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in report["samples"]]
     replies = generate_replies(tiny, plain, SamplingParams(max_tokens=6, temperature=0), 4)
     assert [s["response"] for s in report["samples"]] == [r.text for r in replies]
