@@ -42,9 +42,11 @@ TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
 SYSTEM_LABELS = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
 #: The held-out evaluation sets beside (a), the generator's users with held-out templates (eval_users.jsonl): each is
 #: scored when its file is in the data directory (`train_aux.data`).
-HELD_OUT_SETS = {
-    "ifeval": ("eval_users_ifeval.jsonl", "(b) phrased from the held-out IFEval sentences"),
-    "zero_shot": ("eval_users_zero_shot.jsonl", "(c) preference types held out of training"),
+HELD_OUT_SETS = {  # name: (file in the data directory, label, prompts per user; None: --pairs-per-user)
+    "ifeval": ("eval_users_ifeval.jsonl", "(b) phrased from the held-out IFEval sentences", None),
+    "zero_shot": ("eval_users_zero_shot.jsonl", "(c) preference types held out of training", None),
+    # few users, so more prompts each, as the README's command for them
+    "hand": ("hand_users.jsonl", "(e) written by hand outside the generator", 4),
 }
 
 
@@ -108,14 +110,15 @@ def collect(args) -> dict:
         backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
         reuse=None if args.rerun else _recorded(out / "personalization.json")), aux.version,
         backbone_fingerprint=backbone.fingerprint, users=users_digest(users), **pers_settings)
-    for name, (file, _) in HELD_OUT_SETS.items():
+    for name, (file, _, per_user) in HELD_OUT_SETS.items():
         if (data / file).exists():
-            held = read_jsonl(data / file)
+            held, per_user = read_jsonl(data / file), per_user or args.pairs_per_user
             path = out / f"personalization_{name}.json"
-            res[f"pers_{name}"] = _run(path, args.rerun, lambda held=held, path=path: personalization(
-                backbone, aux, held, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
+            res[f"pers_{name}"] = _run(path, args.rerun, lambda held=held, path=path, per_user=per_user: personalization(
+                backbone, aux, held, prompts, per_user, args.max_new_tokens, args.seed,
                 conditions=("none", "text", "soft"), reuse=None if args.rerun else _recorded(path)), aux.version,
-                backbone_fingerprint=backbone.fingerprint, users=users_digest(held), **pers_settings)
+                backbone_fingerprint=backbone.fingerprint, users=users_digest(held),
+                **{**pers_settings, "pairs_per_user": per_user})
     ifeval_settings = {"asked_n": args.ifeval_n, "max_new_tokens": args.ifeval_max_new_tokens, "seed": args.seed,
                        "users": users_digest(users)}
     res["ifeval"] = _run(out / "ifeval.json", args.rerun, lambda: instruction_following(
@@ -302,7 +305,9 @@ def render(res: dict) -> str:
         *([] if not res.get("dev_split") else [
             "The checkpoint was chosen on the dev split only: the data directory's `dev_users.jsonl` (users in neither "
             "training nor any set below) and ARC-Easy items 1000-1999 with training users (`eval general --skip 1000`); "
-            "see `train_aux/results/dev_candidates.csv` and EXPERIMENTS.md. No set reported here was read to choose it.",
+            "see `train_aux/results/dev_candidates.csv` and EXPERIMENTS.md. No set reported here was read to choose it"
+            + (", save (e): the hand-written users' figures were a bar a candidate had to clear, and chose the guidance "
+               "it is served with." if "pers_hand" in res else "."),
             ""]),
         "| system | checks passed (%) | responses passing all checks (%) | "
         + " | ".join(f"{TASK_NAMES[t]} acc_norm" for t in TASKS) + " |",
@@ -363,7 +368,7 @@ def render(res: dict) -> str:
 def _held_out(res: dict) -> list[tuple[str, dict]]:
     """(label, personalization result) of every held-out set that was scored, (a) first."""
     return [("(a) generator users, held-out templates", res["pers"])] + [
-        (label, res[f"pers_{name}"]) for name, (_, label) in HELD_OUT_SETS.items() if f"pers_{name}" in res]
+        (label, res[f"pers_{name}"]) for name, (_, label, _) in HELD_OUT_SETS.items() if f"pers_{name}" in res]
 
 
 def held_out_section(res: dict) -> list[str]:

@@ -81,7 +81,13 @@ def test_render_and_plot(tmp_path):
     # IFEval: each fine-tuned copy paired prompt by prompt with the plain backbone
     assert "| frozen backbone + soft thoughts | 40.0 | 45.0 | -10.0 ± 10.0 |" in md
     assert "| LoRA fine-tuned backbone | 40.0 | 50.0 | -10.0 ± 10.0 |" in md and "| fully fine-tuned backbone | 60.0 | 50.0 | +10.0" in md
-    assert "The checkpoint was chosen on the dev split only" in md
+    assert "The checkpoint was chosen on the dev split only" in md and "No set reported here was read to choose it." in md
+    # the hand-written users: their own row and type columns, and named as read in choosing
+    res["pers_hand"] = {"n_users": 24, **_judged(none=0.0, text=0.25, soft=0.7)}
+    md_hand = render(res)
+    assert "| (e) written by hand outside the generator | 24 | 300 | 0.0 | 25.0 | 70.0 | +" in md_hand
+    assert "| (e) n | (e) text | (e) soft |" in md_hand and "save (e): the hand-written users' figures" in md_hand
+    del res["pers_hand"]
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
             "tokens the edit changed weighted x5, plus a preference probe on the thoughts (weight 0.5 in steps 0-610), "
