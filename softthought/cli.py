@@ -53,7 +53,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         )
         thoughts, placement, model = None, OPENING, None
         if args.summary:  # before the engine starts: see engine_bench.run on OpenMP pools
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int)
+    chat.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence_penalty, in [-2, 2]")
+    chat.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency_penalty, in [-2, 2]")
     chat.add_argument("--stop", action="append", help="stop string (repeatable)")
     chat.set_defaults(func=cmd_chat)
 
