@@ -84,11 +84,12 @@ def soft_reading(aux: SoftThoughtAux | None, guidance: float | None, gate: float
 def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[dict], prompts: list[str],
                     pairs_per_user: int, max_new_tokens: int, seed: int, conditions=CONDITIONS, batch: int = 16,
                     run: InProcess | RayWorkers | None = None, guidance: float | None = None,
-                    guidance_gate: float | None = None, reuse: dict | None = None) -> dict:
+                    guidance_gate: float | None = None, reuse: dict | None = None, penalties: dict | None = None) -> dict:
     """Each user's checks on their replies to `pairs_per_user` prompts, per condition, paired. `run`: where the
     replies are generated (`eval_workers`; here by default). `guidance`, `guidance_gate`: the soft replies' reading
     of the thoughts (`SamplingParams`, the plain prompt guiding; `soft_reading`). `reuse`: an earlier result whose
-    conditions that read no thoughts (none, text) are kept when it answered the same pairs the same way."""
+    conditions that read no thoughts (none, text) are kept when it answered the same pairs the same way.
+    `penalties`: OpenAI's `frequency_penalty` / `presence_penalty` on every condition's replies, as a client sets them."""
     run = run or InProcess(backbone)
     reading = soft_reading(aux, guidance, guidance_gate)
     guidance = reading["guidance"]
@@ -96,12 +97,13 @@ def personalization(backbone: Backbone, aux: SoftThoughtAux | None, users: list[
     pairs = [(u, p) for u in users for p in rng.sample(prompts, min(pairs_per_user, len(prompts)))]
     thoughts = dict(zip((u["user"] for u in users), users_thoughts(aux, users))) if "soft" in conditions else {}
     tok = backbone.tokenizer
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0, **(penalties or {}))
     report: dict = {"format_version": PERSONALIZATION_FORMAT, "n_pairs": len(pairs), "n_users": len(users),
                     "pairs_per_user": pairs_per_user, "max_new_tokens": max_new_tokens, "seed": seed, **reading,
-                    "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs]}
-    same = reuse is not None and all(reuse.get(k) == report[k] for k in
-                                     ("format_version", "pairs", "max_new_tokens", "seed", "backbone_fingerprint"))
+                    "backbone_fingerprint": backbone.fingerprint, "pairs": [[u["user"], p] for u, p in pairs],
+                    **({"penalties": penalties} if penalties else {})}
+    same = reuse is not None and all(reuse.get(k) == report.get(k) for k in
+                                     ("format_version", "pairs", "max_new_tokens", "seed", "backbone_fingerprint", "penalties"))
     kept = {c for c in ("none", "text") if same and c in conditions and c in reuse}
     samples = [s for s in reuse["samples"] if s["condition"] in kept] if kept else []
     for cond in conditions:
@@ -559,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs-per-user", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--conditions", default=",".join(CONDITIONS))
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, on every condition's replies")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, on every condition's replies")
     g = sub.add_parser("general")
     g.add_argument("--tasks", default="hellaswag,arc_easy,piqa")
     g.add_argument("--n", type=int, default=1000)
@@ -666,7 +670,9 @@ def main(argv: list[str] | None = None) -> None:
         conditions = [c for c in args.conditions.split(",") if c and (aux is not None or c != "soft")]
         prompts = [r["prompt"] for r in read_jsonl(args.prompts)]
         report = personalization(backbone, aux, users, prompts, args.pairs_per_user, args.max_new_tokens, args.seed,
-                                 conditions, run=run, guidance=args.guidance, guidance_gate=args.guidance_gate)
+                                 conditions, run=run, guidance=args.guidance, guidance_gate=args.guidance_gate,
+                                 penalties={k: v for k, v in (("frequency_penalty", args.frequency_penalty),
+                                                              ("presence_penalty", args.presence_penalty)) if v})
     else:
         tasks = args.tasks.split(",")
         reference = json.loads(Path(args.paired_with).read_text()) if args.paired_with else None

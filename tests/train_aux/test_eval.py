@@ -144,6 +144,12 @@ def test_personalization_and_general_eval_run_on_tiny_model(tiny, tmp_path):
     assert kept["soft"]["passed"] == fresh["soft"]["passed"] and kept["paired"] == fresh["paired"]
     moved = personalization(tiny, other, users, ["Hello there.", "Tell me about the sea."], 1, 7, 0, reuse=report)
     assert moved["text"] is not report["text"]  # other replies (another length): generated again
+    # a client's penalties on every condition: recorded, and replies without them are not reused
+    penalized = personalization(tiny, other, users, ["Hello there.", "Tell me about the sea."], 1, 6, 0, reuse=report,
+                                penalties={"frequency_penalty": 2.0, "presence_penalty": 2.0})
+    assert penalized["penalties"] == {"frequency_penalty": 2.0, "presence_penalty": 2.0} and "penalties" not in report
+    assert penalized["none"] is not report["none"]
+    assert [s["response"] for s in penalized["samples"]] != [s["response"] for s in fresh["samples"]]
     result = general(tiny, aux, users, ["piqa"], 6, 0)
     assert result["piqa"]["n"] == 6 and "soft_minus_plain" in result["piqa"]
     assert set(result["piqa"]["soft_gold_margin"]) >= {"slope", "shift", "shift_se", "shift_pct"}
