@@ -303,7 +303,8 @@ def render(res: dict) -> str:
         "and averaged over them. "
         "± is one standard error.", "",
         *([] if not res.get("dev_split") else [
-            "The checkpoint was chosen on the dev split only: the data directory's `dev_users.jsonl` (users in neither "
+            f"The checkpoint was chosen on the dev split{'' if 'pers_hand' in res else ' only'}: the data directory's "
+            "`dev_users.jsonl` (users in neither "
             "training nor any set below) and ARC-Easy items 1000-1999 with training users (`eval general --skip 1000`); "
             "see `train_aux/results/dev_candidates.csv` and EXPERIMENTS.md. No set reported here was read to choose it"
             + (", save (e): the hand-written users' figures were a bar a candidate had to clear, and chose the guidance "

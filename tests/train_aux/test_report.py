@@ -87,6 +87,7 @@ def test_render_and_plot(tmp_path):
     md_hand = render(res)
     assert "| (e) written by hand outside the generator | 24 | 300 | 0.0 | 25.0 | 70.0 | +" in md_hand
     assert "| (e) n | (e) text | (e) soft |" in md_hand and "save (e): the hand-written users' figures" in md_hand
+    assert "chosen on the dev split: " in md_hand and "dev split only" not in md_hand
     del res["pers_hand"]
     assert "| frozen backbone + soft thoughts (softthought) | 50.0 ± 2.0 (n=300)" in md
     assert ("Training (3 phases): cross-entropy on the backbone's own answers edited to satisfy each user's checks, the "
