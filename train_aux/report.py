@@ -40,8 +40,8 @@ HERE = Path(__file__).parent
 TASKS = ["hellaswag", "arc_easy", "piqa"]
 TASK_NAMES = {"hellaswag": "HellaSwag", "arc_easy": "ARC-Easy", "piqa": "PIQA"}
 SYSTEM_LABELS = {"soft": "soft thoughts", "text": "summary as text", "lora": "LoRA fine-tuned", "full": "fully fine-tuned"}
-#: The held-out evaluation sets beside (a), the generator's users with held-out templates (eval_users.jsonl): each is
-#: scored when its file is in the data directory (`train_aux.data`).
+#: The evaluation sets beside (a), the generator's users with held-out templates (eval_users.jsonl): each is scored
+#: when its file is in the data directory (`train_aux.data`). (b) and (c) are held out; (e) was read in choosing.
 HELD_OUT_SETS = {  # name: (file in the data directory, label, prompts per user; None: --pairs-per-user)
     "ifeval": ("eval_users_ifeval.jsonl", "(b) phrased from the held-out IFEval sentences", None),
     "zero_shot": ("eval_users_zero_shot.jsonl", "(c) preference types held out of training", None),
