@@ -55,6 +55,8 @@ KEYWORDS = ["banana", "sunshine", "galaxy", "river", "pencil", "harmony", "compa
 FORBIDDEN = ["very", "really", "also", "many", "important", "because", "different", "people", "known", "often", "help",
              "world"]
 LETTERS = "bcdfghklmnprstwz"
+#: The word floors users ask for: replies reach them within 96 new tokens.
+FLOORS = (40, 50)
 
 PERSONAS = {
     "first": ["I live in Ohio and work as a nurse.", "I have two cats.", "My favourite season is autumn.",
@@ -127,20 +129,22 @@ KINDS: dict[str, Kind] = {
                       lambda kw, lang: {"x": _quoted(kw["forbidden_words"], lang)}),
     "placeholders": Kind("detectable_content:number_placeholders", lambda r: {"num_placeholders": r.choice([1, 2, 3])},
                          lambda kw, lang: {"x": kw["num_placeholders"]}),
-    # held out of training altogether: zero-shot kinds
     "letter_frequency": Kind("keywords:letter_frequency",
                              lambda r: {"letter": r.choice(LETTERS), "let_frequency": r.choice([3, 5]), "let_relation": "at least"},
                              lambda kw, lang: {"x": kw["letter"], "n": kw["let_frequency"]}),
-    "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice([40, 50])},
+    "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice(FLOORS)},
                  lambda kw, lang: {"x": kw["num_words"]}),
+    "two_responses": Kind("combination:two_responses"),
 }
-ZERO_SHOT = ("letter_frequency", "long")
+#: Held out of training altogether: the zero-shot kinds of evaluation (c).
+ZERO_SHOT = ("letter_frequency", "two_responses")
 TRAINED = tuple(k for k in KINDS if k not in ZERO_SHOT)
 #: Preferences that cannot hold together (or that IFEval's checkers cannot both pass).
 CONFLICTS = [frozenset(c) for c in (
     {"lowercase", "capital"}, {"lowercase", "capital_words"}, {"language", "lowercase"}, {"language", "capital"},
     {"lowercase", "sections"}, {"capital", "sections"}, {"short", "long"}, {"bullets", "paragraphs"},
     {"bullets", "sections"}, {"paragraphs", "sections"}, {"bullets", "highlights"}, {"json", "quotation"},
+    {"two_responses", "json"}, {"two_responses", "quotation"}, {"two_responses", "paragraphs"},
     *({"json", k} for k in ("title", "bullets", "sections", "paragraphs", "postscript", "end_phrase", "highlights")),
 )]
 
