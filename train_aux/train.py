@@ -336,7 +336,8 @@ class Examples:
             user = self._user()
             lang, floor = _language(user["checks"]), _floor(user["checks"])
             row = self.rng.choice(self.by_language[lang] if lang else self.floor_answers if floor else self.answers)
-            ended = row.get("ended", True)
+            # an answer the token budget cut off ends no turn, unless the user's limit cuts it shorter still
+            ended = row.get("ended", True) or _limit(user["checks"])
             if not ended and any(c["instruction_id"] in AT_THE_END for c in user["checks"]):
                 continue  # what the edit writes after an answer cut off by the token budget would fall past it
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
@@ -394,6 +395,13 @@ def _floor(checks: list[dict]) -> int | None:
     """The fewest words the user asks for, if they ask for at least so many."""
     return next((c["kwargs"]["num_words"] for c in checks if c["instruction_id"] == "length_constraints:number_words"
                  and c["kwargs"]["relation"] == "at least"), None)
+
+
+def _limit(checks: list[dict]) -> bool:
+    """Whether the user caps the reply's length (the edit then cuts the answer and the reply ends there)."""
+    return any(c["instruction_id"] == "length_constraints:number_sentences" or (
+        c["instruction_id"] == "length_constraints:number_words" and c["kwargs"]["relation"] == "less than")
+        for c in checks)
 
 
 #: Checks whose edits write at the end of the reply (or around all of it).

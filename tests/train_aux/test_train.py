@@ -338,6 +338,18 @@ def test_users_with_a_word_floor_get_answers_that_reach_it_and_no_end_where_the_
     assert Examples([floor_user("d")], answers, 0, floor_answers=[short]).users == []
 
 
+def test_a_users_length_limit_ends_an_answer_the_budget_cut_off():
+    from train_aux.train import Examples
+
+    cut = {"prompt": "Why?", "answer": "Light scatters in the air. The blue part scatters most. So the sky looks blue and the",
+           "ended": False}
+    capped = {"user": "a", "summary": "Under 12 words.", "checks": [
+        {"instruction_id": "length_constraints:number_words", "kwargs": {"relation": "less than", "num_words": 12}}]}
+    plain = {"user": "b", "summary": "No commas.", "checks": [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]}
+    assert Examples([capped], [cut], 0).sample().ended  # cut to whole sentences under the limit: the reply ends
+    assert not Examples([plain], [cut], 0).sample().ended
+
+
 def test_a_target_the_backbone_did_not_end_teaches_no_end_of_turn(tiny):
     from softthought.splice import build_chat_prompt
 
