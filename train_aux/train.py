@@ -399,9 +399,8 @@ def _floor(checks: list[dict]) -> int | None:
 
 def _limit(checks: list[dict]) -> bool:
     """Whether the user caps the reply's length (the edit then cuts the answer and the reply ends there)."""
-    return any(c["instruction_id"] == "length_constraints:number_sentences" or (
-        c["instruction_id"] == "length_constraints:number_words" and c["kwargs"]["relation"] == "less than")
-        for c in checks)
+    return any(c["instruction_id"] in ("length_constraints:number_sentences", "length_constraints:number_words")
+               and c["kwargs"]["relation"] == "less than" for c in checks)
 
 
 #: Checks whose edits write at the end of the reply (or around all of it).
