@@ -52,7 +52,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
-from .users import case_twin, make_users
+from .users import case_twin, make_users, word_floor
 
 
 class TrainConfig(BaseModel):
@@ -312,7 +312,7 @@ class Examples:
         # a floor no answer reaches (IFEval's sentences ask for up to 800 words) leaves its user out
         longest = max((len(a["answer"].split()) for a in self.floor_answers), default=0)
         self.users = [u for u in users if ((lang := _language(u["checks"])) is None or lang in self.by_language)
-                      and (_floor(u["checks"]) or 0) <= longest]
+                      and (word_floor(u["checks"]) or 0) <= longest]
         self.language_share = language_share
         # users without and with a reply form, drawn apart when language_share is set
         held = [any(forms is None or f in forms for f in reply_forms(u["checks"])) for u in self.users]
@@ -334,7 +334,7 @@ class Examples:
     def sample(self) -> Example:
         while True:
             user = self._user()
-            lang, floor = _language(user["checks"]), _floor(user["checks"])
+            lang, floor = _language(user["checks"]), word_floor(user["checks"])
             row = self.rng.choice(self.by_language[lang] if lang else self.floor_answers if floor else self.answers)
             # an answer the token budget cut off ends no turn, unless the user's limit cuts it shorter still
             ended = row.get("ended", True) or _limit(user["checks"])
@@ -389,12 +389,6 @@ def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[lis
 
 def _language(checks: list[dict]) -> str | None:
     return next((c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"), None)
-
-
-def _floor(checks: list[dict]) -> int | None:
-    """The fewest words the user asks for, if they ask for at least so many."""
-    return next((c["kwargs"]["num_words"] for c in checks if c["instruction_id"] == "length_constraints:number_words"
-                 and c["kwargs"]["relation"] == "at least"), None)
 
 
 def _limit(checks: list[dict]) -> bool:

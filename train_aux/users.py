@@ -129,22 +129,20 @@ KINDS: dict[str, Kind] = {
                       lambda kw, lang: {"x": _quoted(kw["forbidden_words"], lang)}),
     "placeholders": Kind("detectable_content:number_placeholders", lambda r: {"num_placeholders": r.choice([1, 2, 3])},
                          lambda kw, lang: {"x": kw["num_placeholders"]}),
+    # held out of training altogether: zero-shot kinds
     "letter_frequency": Kind("keywords:letter_frequency",
                              lambda r: {"letter": r.choice(LETTERS), "let_frequency": r.choice([3, 5]), "let_relation": "at least"},
                              lambda kw, lang: {"x": kw["letter"], "n": kw["let_frequency"]}),
     "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice(FLOORS)},
                  lambda kw, lang: {"x": kw["num_words"]}),
-    "two_responses": Kind("combination:two_responses"),
 }
-#: Held out of training altogether: the zero-shot kinds of evaluation (c).
-ZERO_SHOT = ("letter_frequency", "two_responses")
+ZERO_SHOT = ("letter_frequency", "long")
 TRAINED = tuple(k for k in KINDS if k not in ZERO_SHOT)
 #: Preferences that cannot hold together (or that IFEval's checkers cannot both pass).
 CONFLICTS = [frozenset(c) for c in (
     {"lowercase", "capital"}, {"lowercase", "capital_words"}, {"language", "lowercase"}, {"language", "capital"},
     {"lowercase", "sections"}, {"capital", "sections"}, {"short", "long"}, {"bullets", "paragraphs"},
     {"bullets", "sections"}, {"paragraphs", "sections"}, {"bullets", "highlights"}, {"json", "quotation"},
-    {"two_responses", "json"}, {"two_responses", "quotation"}, {"two_responses", "paragraphs"},
     *({"json", k} for k in ("title", "bullets", "sections", "paragraphs", "postscript", "end_phrase", "highlights")),
 )]
 
@@ -281,6 +279,12 @@ def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool, kinds: t
                include: tuple[str, ...] = (), typo_rate: float = 0.1, mentions: bool = False) -> list[dict]:
     rng = random.Random(seed)
     return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing, kinds, include, typo_rate, mentions) for i in range(n)]
+
+
+def word_floor(checks: list[dict]) -> int | None:
+    """The fewest words a user asks for, if they ask for at least so many."""
+    return next((c["kwargs"]["num_words"] for c in checks if c["instruction_id"] == KINDS["long"].instruction_id
+                 and c["kwargs"]["relation"] == "at least"), None)
 
 
 def kind_of(check: dict) -> str | None:
