@@ -3,7 +3,7 @@
 `python -m train_aux.data --out train_aux/data` writes the users (training; evaluation: (a) unseen users with unseen
 phrasings, dev users of the same kind for choosing checkpoints, (b) users phrased from IFEval's held-out sentences, (c)
 users with kinds held out of training), train/eval prompts, the frozen backbone's own greedy answers to the training
-prompts, and its sampled answers in each response language.
+prompts (and those that reach a word floor in the eval's budget), and its sampled answers in each response language.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from softthought.ifeval import check, check_all
 
 from .checks import is_loop
 from .paths import shared_data
-from .users import LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users
+from .users import FLOORS, LANGUAGES, TRAINED, ZERO_SHOT, ifeval_users, make_users, word_floor
 
 TOPICS = [
     "the ocean", "volcanoes", "photosynthesis", "the moon", "honey bees", "the internet", "rain", "gravity",
@@ -286,22 +286,40 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def teacher_answers(prompts: list[str], backbone: str | None, max_tokens: int, batch: int) -> list[dict]:
-    """The frozen backbone's own greedy answers with no summary: the base that edits start from."""
+def greedy_replies(prompts: list[str], backbone: str | None, max_tokens: int, batch: int, desc: str):
+    """(prompt, GenerationResult) for the frozen backbone's greedy reply to each prompt, with no summary."""
     from softthought.generation import SamplingParams
     from softthought.pipeline import Pipeline
     from softthought.splice import build_chat_prompt
 
     pipe = Pipeline.load(backbone, dtype="bfloat16", max_batch_size=batch)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
-    rows = []
-    for i in tqdm(range(0, len(prompts), batch), desc="teacher answers", unit="batch"):
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
         chunk = prompts[i : i + batch]
         built = [build_chat_prompt(pipe.backbone.tokenizer, [{"role": "user", "content": p}]) for p in chunk]
-        for p, r in zip(chunk, pipe.engine.generate(built, params)):
-            answer = whole_sentences(r.text)
-            if len(answer.split()) >= 5:
-                rows.append({"prompt": p, "answer": answer})
+        yield from zip(chunk, pipe.engine.generate(built, params))
+
+
+def teacher_answers(prompts: list[str], backbone: str | None, max_tokens: int, batch: int) -> list[dict]:
+    """The frozen backbone's own greedy answers with no summary: the base that edits start from."""
+    rows = []
+    for p, r in greedy_replies(prompts, backbone, max_tokens, batch, "teacher answers"):
+        answer = whole_sentences(r.text)
+        if len(answer.split()) >= 5:
+            rows.append({"prompt": p, "answer": answer})
+    return rows
+
+
+def floor_answers(prompts: list[str], backbone: str | None, max_tokens: int, batch: int, min_words: int) -> list[dict]:
+    """The backbone's greedy answers within `max_tokens` (the budget replies are judged in) that reach `min_words`
+    words: the base for users who ask for at least N words. "ended" says whether the backbone ended the reply itself;
+    where it did not, a target must not teach an end of turn there (one cut to whole sentences would teach stopping
+    short of the floor, the thoughts' failure on such users)."""
+    rows = []
+    for p, r in greedy_replies(prompts, backbone, max_tokens, batch, "floor answers"):
+        answer = r.text.strip() if r.finish_reason == "length" else whole_sentences(r.text)
+        if len(answer.split()) >= min_words:
+            rows.append({"prompt": p, "answer": answer, "ended": r.finish_reason == "stop"})
     return rows
 
 
@@ -356,17 +374,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-prompts", type=int, default=640)
     ap.add_argument("--eval-prompts", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--floor-tokens", type=int, default=96,
+                    help="budget of the answers that reach a word floor (the eval's --max-new-tokens)")
     ap.add_argument("--language-prompts", type=int, default=160, help="prompts answered in each language")
     ap.add_argument("--language-samples", type=int, default=2, help="samples per prompt and language")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--backbone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse-answers", action="store_true",
-                    help="keep answers.jsonl and language_answers.jsonl already in --out (the slow part); write only the users")
+                    help="keep the answers files already in --out (the slow part); write only the users")
     args = ap.parse_args(argv)
     out = Path(args.out)
     train_users = make_users(args.train_users, args.seed, "train", held_out_phrasing=False)
-    write_jsonl(out / "train_users.jsonl", train_users + ifeval_users("train", len(train_users) // 4, args.seed))
+    train_users += ifeval_users("train", len(train_users) // 4, args.seed)
+    write_jsonl(out / "train_users.jsonl", train_users)
     # (a) unseen users with unseen phrasings (the held-out variant of every style); dev: the same kind of users,
     # drawn apart, for choosing checkpoints; (b) users phrased from IFEval's held-out sentences; (c) zero-shot kinds
     write_jsonl(out / "eval_users.jsonl", make_users(args.eval_users, args.seed + 1, "eval", held_out_phrasing=True))
@@ -380,6 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(out / "eval_prompts.jsonl", [{"prompt": p} for p in evaluation])
     if not (args.reuse_answers and (out / "answers.jsonl").exists()):
         write_jsonl(out / "answers.jsonl", teacher_answers(train, args.backbone, args.max_tokens, args.batch))
+    # only where training users ask for a floor ("long" trained: kept out of TRAINED so far, EXPERIMENTS.md)
+    floors = any(word_floor(u["checks"]) for u in train_users)
+    if floors and not (args.reuse_answers and (out / "floor_answers.jsonl").exists()):
+        write_jsonl(out / "floor_answers.jsonl",
+                    floor_answers(train, args.backbone, args.floor_tokens, args.batch, min(FLOORS)))
     if not (args.reuse_answers and (out / "language_answers.jsonl").exists()):
         write_jsonl(out / "language_answers.jsonl", language_answers(
             read_jsonl(out / "answers.jsonl"), args.backbone, args.language_prompts, args.language_samples, args.max_tokens,

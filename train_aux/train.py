@@ -52,7 +52,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
-from .users import case_twin, make_users
+from .users import case_twin, make_users, word_floor
 
 
 class TrainConfig(BaseModel):
@@ -202,8 +202,9 @@ def data_hash(data: Path) -> str:
     h = hashlib.sha256()
     for name in ("train_users.jsonl", "answers.jsonl"):
         h.update((data / name).read_bytes())
-    if (data / "language_answers.jsonl").exists():  # older data sets have no answers in other languages
-        h.update((data / "language_answers.jsonl").read_bytes())
+    for name in ("language_answers.jsonl", "floor_answers.jsonl"):  # older data sets have neither
+        if (data / name).exists():
+            h.update((data / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -257,6 +258,7 @@ class Example:
     answer: str  # that answer unedited
     checks: list[dict]  # the user's checks, IFEval ids and kwargs
     copy_strings: list[str] = field(default_factory=list)  # what the user asks for word for word (`copy_strings`)
+    ended: bool = True  # whether the target ends the turn (not where the backbone's answer ran out of tokens)
 
 
 def probe_labels(checks: list[dict]) -> list[str]:
@@ -292,20 +294,25 @@ def probe_term(probe: torch.nn.Module, thoughts: torch.Tensor, checks: list[list
 
 class Examples:
     """Endless stream of examples from random users and the backbone's own answers: in the user's response language
-    when they have one (`language_answers`), else its plain answers. With `language_share`, that share of them comes
-    from users with one of the reply forms `forms` (`reply_forms`; None: any)."""
+    when they have one (`language_answers`), those that reach the user's word floor when they have one
+    (`floor_answers`), else its plain answers. With `language_share`, that share of them comes from users with one of
+    the reply forms `forms` (`reply_forms`; None: any)."""
 
     def __init__(self, users: list[dict], answers: list[dict], seed: int, language_answers: list[dict] = (),
                  keywords_first: bool = False, language_share: float | None = None,
-                 forms: Sequence[str] | None = None) -> None:
+                 forms: Sequence[str] | None = None, floor_answers: list[dict] = ()) -> None:
         # the backbone's own answers that loop (2 % of them) would teach the thoughts to loop: left out
         self.answers = [a for a in answers if not is_loop(a["answer"])]
+        self.floor_answers = [a for a in floor_answers if not is_loop(a["answer"])]
         self.keywords_first = keywords_first
         self.by_language: dict[str, list[dict]] = {}
         for row in language_answers:
             if not is_loop(row["answer"]):
                 self.by_language.setdefault(row["language"], []).append(row)
-        self.users = [u for u in users if (lang := _language(u["checks"])) is None or lang in self.by_language]
+        # a floor no answer reaches (IFEval's sentences ask for up to 800 words) leaves its user out
+        longest = max((len(a["answer"].split()) for a in self.floor_answers), default=0)
+        self.users = [u for u in users if ((lang := _language(u["checks"])) is None or lang in self.by_language)
+                      and (word_floor(u["checks"]) or 0) <= longest]
         self.language_share = language_share
         # users without and with a reply form, drawn apart when language_share is set
         held = [any(forms is None or f in forms for f in reply_forms(u["checks"])) for u in self.users]
@@ -327,15 +334,20 @@ class Examples:
     def sample(self) -> Example:
         while True:
             user = self._user()
-            lang = _language(user["checks"])
-            row = self.rng.choice(self.by_language[lang] if lang else self.answers)
+            lang, floor = _language(user["checks"]), word_floor(user["checks"])
+            row = self.rng.choice(self.by_language[lang] if lang else self.floor_answers if floor else self.answers)
+            # an answer the token budget cut off ends no turn, unless the user's limit cuts it shorter still
+            ended = row.get("ended", True) or _limit(user["checks"])
+            if not ended and any(c["instruction_id"] in AT_THE_END for c in user["checks"]):
+                continue  # what the edit writes after an answer cut off by the token budget would fall past it
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
-            if target is not None and not is_loop(target):
+            if target is not None and not is_loop(target) and (floor is None or len(target.split()) >= floor):
                 # an answer in another language is weighed against itself less its opening (what the preference
                 # adds): were all of it counted as edited (against the plain answer), these few users' whole replies
                 # outweighed every other preference's edits
                 source = row["answer"][len(row.get("opening", "")) :]
-                return Example(user["summary"], row["prompt"], target, source, user["checks"], copy_strings(user["checks"]))
+                return Example(user["summary"], row["prompt"], target, source, user["checks"], copy_strings(user["checks"]),
+                               ended)
 
 
 #: The checks' arguments a reply must contain word for word: what copy thoughts should hand the backbone.
@@ -377,6 +389,16 @@ def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[lis
 
 def _language(checks: list[dict]) -> str | None:
     return next((c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"), None)
+
+
+def _limit(checks: list[dict]) -> bool:
+    """Whether the user caps the reply's length (the edit then cuts the answer and the reply ends there)."""
+    return any(c["instruction_id"] in ("length_constraints:number_sentences", "length_constraints:number_words")
+               and c["kwargs"]["relation"] == "less than" for c in checks)
+
+
+#: Checks whose edits write at the end of the reply (or around all of it).
+AT_THE_END = ("startend:end_checker", "detectable_content:postscript", "detectable_format:json_format", "startend:quotation")
 
 
 #: A whole reply's case as an offset's code (`AuxConfig.languages`): like a language, a shift of every token, which the
@@ -425,19 +447,19 @@ def reply_logprobs(model, table: torch.nn.Module, prompts: list[Prompt], replies
 
 def target_loss(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
                 max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0,
-                end_weight: float | None = None) -> tuple[torch.Tensor, int]:
+                end_weight: float | None = None, ended: list[bool] | None = None) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each target reply (+ end of turn) after its prompt, the weighted mean of `target_sums`;
     returns (loss, target tokens)."""
     total, weights, n_tokens = target_sums(model, table, tokenizer, prompts, targets, max_target, sources, edit_weight,
-                                           end_weight)
+                                           end_weight, ended)
     return total / weights, n_tokens
 
 
 def target_sums(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt], targets: list[str],
                 max_target: int, sources: list[str] | None = None, edit_weight: float = 1.0,
-                end_weight: float | None = None) -> tuple[torch.Tensor, float, int]:
-    """The weighted sum of the target tokens' negative log-likelihoods (each reply + end of turn, after its prompt),
-    the sum of the weights, and the number of target tokens.
+                end_weight: float | None = None, ended: list[bool] | None = None) -> tuple[torch.Tensor, float, int]:
+    """The weighted sum of the target tokens' negative log-likelihoods (each reply + end of turn, after its prompt;
+    no end of turn after the replies `ended` marks False), the sum of the weights, and the number of target tokens.
 
     With `sources` (the unedited answers), the tokens the edit touched count `edit_weight` times and the end of turn
     (where the reply's length is decided) `end_weight` times (None: `edit_weight`).
@@ -447,7 +469,7 @@ def target_sums(model, table: torch.nn.Module, tokenizer, prompts: list[Prompt],
     target_ids, target_weights = [], []
     for i, target in enumerate(targets):
         enc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=sources is not None)
-        ids = (enc["input_ids"] + [end])[:max_target]
+        ids = (enc["input_ids"] + ([end] if ended is None or ended[i] else []))[:max_target]
         weights = [1.0] * len(ids)
         if sources is not None:
             flags = edited_chars(sources[i], target)
@@ -639,7 +661,8 @@ def batch_terms(backbone: Backbone, aux: SoftThoughtAux, batch: list[Example], r
                for i in rows}
     total, weights, n_tokens = target_sums(backbone.model, backbone.model.get_input_embeddings(), tok,
                                            [prompts[i] for i in rows], [batch[i].target for i in rows], cfg.max_target_tokens,
-                                           [batch[i].answer for i in rows], cfg.edit_weight, cfg.end_weight)
+                                           [batch[i].answer for i in rows], cfg.edit_weight, cfg.end_weight,
+                                           [batch[i].ended for i in rows])
     terms = {"target": Term(total, weights)}
     stats = {"target_tokens": n_tokens, "rollout_tokens": 0, "rollout_repeats": 0, "own_targets": 0}
     if preserved := [i for i in rows if texts and i < len(texts)]:
@@ -800,6 +823,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                                           encoder_training=cfg.encoder_training, lora_r=cfg.lora_r)
         state, offset = None, 0
     languages = read_jsonl(data / "language_answers.jsonl") if (data / "language_answers.jsonl").exists() else []
+    floors = read_jsonl(data / "floor_answers.jsonl") if (data / "floor_answers.jsonl").exists() else []
     head = (cfg.language_head_hidden, cfg.language_reader_layers or 0)
     if cfg.add_languages and not aux.config.languages:
         aux.config.language_head_hidden, aux.config.language_reader_layers = head[0] or 0, head[1]
@@ -823,7 +847,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
     probe = make_probe(labels, aux, cfg).to(backbone.device) if cfg.probe_weight > 0 else None
     optimizer = make_optimizer(aux, backbone, cfg, probe)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share, aux.config.languages)
+    examples = Examples(users, answers, cfg.seed, languages, cfg.keywords_first, cfg.language_share, aux.config.languages,
+                        floors)
     asking, read = cfg.language_mentions // 3, {}
     speakers = (examples.users + make_users(cfg.language_users, cfg.seed, "head", held_out_phrasing=False)
                 + make_users(cfg.language_mentions - asking, cfg.seed + 1, "mention", held_out_phrasing=False, mentions=True)

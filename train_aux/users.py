@@ -55,6 +55,8 @@ KEYWORDS = ["banana", "sunshine", "galaxy", "river", "pencil", "harmony", "compa
 FORBIDDEN = ["very", "really", "also", "many", "important", "because", "different", "people", "known", "often", "help",
              "world"]
 LETTERS = "bcdfghklmnprstwz"
+#: The word floors users ask for: replies reach them within 96 new tokens.
+FLOORS = (40, 50)
 
 PERSONAS = {
     "first": ["I live in Ohio and work as a nurse.", "I have two cats.", "My favourite season is autumn.",
@@ -131,7 +133,7 @@ KINDS: dict[str, Kind] = {
     "letter_frequency": Kind("keywords:letter_frequency",
                              lambda r: {"letter": r.choice(LETTERS), "let_frequency": r.choice([3, 5]), "let_relation": "at least"},
                              lambda kw, lang: {"x": kw["letter"], "n": kw["let_frequency"]}),
-    "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice([40, 50])},
+    "long": Kind("length_constraints:number_words", lambda r: {"relation": "at least", "num_words": r.choice(FLOORS)},
                  lambda kw, lang: {"x": kw["num_words"]}),
 }
 ZERO_SHOT = ("letter_frequency", "long")
@@ -277,6 +279,12 @@ def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool, kinds: t
                include: tuple[str, ...] = (), typo_rate: float = 0.1, mentions: bool = False) -> list[dict]:
     rng = random.Random(seed)
     return [make_user(f"{prefix}-{i:04d}", rng, held_out_phrasing, kinds, include, typo_rate, mentions) for i in range(n)]
+
+
+def word_floor(checks: list[dict]) -> int | None:
+    """The fewest words a user asks for, if they ask for at least so many."""
+    return next((c["kwargs"]["num_words"] for c in checks if c["instruction_id"] == KINDS["long"].instruction_id
+                 and c["kwargs"]["relation"] == "at least"), None)
 
 
 def kind_of(check: dict) -> str | None:

@@ -25,6 +25,7 @@ from train_aux.train import (
     reply_logprobs,
     rollouts,
     target_loss,
+    target_sums,
     train,
     unlikelihood_loss,
 )
@@ -314,6 +315,53 @@ def test_an_answer_in_another_language_counts_its_opening_as_the_edit():
     assert example.target == opening + body and example.answer == body
     flags = edited_chars(example.answer, example.target)
     assert all(flags[: len(opening) - 1]) and not any(flags[len(opening) + 1 :])
+
+
+def test_users_with_a_word_floor_get_answers_that_reach_it_and_no_end_where_the_backbone_ran_on():
+    from train_aux.train import Examples
+
+    def floor_user(name, *more):
+        return {"user": name, "summary": "At least 12 words please.", "checks": [
+            {"instruction_id": "length_constraints:number_words", "kwargs": {"relation": "at least", "num_words": 12}}, *more]}
+
+    answers = [{"prompt": "Why?", "answer": "Because it is so."}]
+    cut = {"prompt": "Why?", "answer": "Light scatters in the air and the blue part of it scatters the most of all the", "ended": False}
+    whole = {"prompt": "How?", "answer": "Slowly and with care, one small step after another, until the work is done.", "ended": True}
+    short = {"prompt": "What?", "answer": "A short one that ends.", "ended": True}
+    examples = Examples([floor_user("a")], answers, 0, floor_answers=[cut, whole, short])
+    drawn = {(ex.target, ex.ended) for ex in (examples.sample() for _ in range(40))}
+    assert drawn == {(cut["answer"], False), (whole["answer"], True)}  # never the plain answers, never short of the floor
+    end = {"instruction_id": "startend:end_checker", "kwargs": {"end_phrase": "Cheers!"}}
+    ending = Examples([floor_user("b", end)], answers, 0, floor_answers=[cut, whole])
+    assert {ex.target for ex in (ending.sample() for _ in range(20))} == {whole["answer"] + " Cheers!"}
+    assert Examples([floor_user("c")], answers, 0).users == []  # no answer reaches the floor: the user is left out
+    assert Examples([floor_user("d")], answers, 0, floor_answers=[short]).users == []
+
+
+def test_a_users_length_limit_ends_an_answer_the_budget_cut_off():
+    from train_aux.train import Examples
+
+    cut = {"prompt": "Why?", "answer": "Light scatters in the air. The blue part scatters most. So the sky looks blue and the",
+           "ended": False}
+    capped = {"user": "a", "summary": "Under 12 words.", "checks": [
+        {"instruction_id": "length_constraints:number_words", "kwargs": {"relation": "less than", "num_words": 12}}]}
+    plain = {"user": "b", "summary": "No commas.", "checks": [{"instruction_id": "punctuation:no_comma", "kwargs": {}}]}
+    assert Examples([capped], [cut], 0).sample().ended  # cut to whole sentences under the limit: the reply ends
+    assert not Examples([plain], [cut], 0).sample().ended
+
+
+def test_a_target_the_backbone_did_not_end_teaches_no_end_of_turn(tiny):
+    from softthought.splice import build_chat_prompt
+
+    table, tok = tiny.model.get_input_embeddings(), tiny.tokenizer
+    prompt = [build_chat_prompt(tok, [{"role": "user", "content": "Hi"}])]
+    tokens = tok("A cat sat on the", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ended, _, n_ended = target_sums(tiny.model, table, tok, prompt, ["A cat sat on the"], 32, ended=[True])
+        cut, _, n_cut = target_sums(tiny.model, table, tok, prompt, ["A cat sat on the"], 32, ended=[False])
+        logps = reply_logprobs(tiny.model, table, prompt, [tokens + [tok.eos_token_id]])[0]
+    assert n_cut == n_ended - 1 == len(tokens)
+    assert torch.allclose(cut, -logps[:-1].sum()) and torch.allclose(ended, -logps.sum())
 
 
 def test_examples_draw_language_users_at_the_share_asked():
