@@ -204,3 +204,19 @@ def test_answers_in_other_languages_begin_with_an_opening_and_pass_the_language_
     for r in rows:
         assert r["opening"] in data.OPENINGS[r["language"]] and r["answer"].startswith(r["opening"])
         assert check_all(r["answer"], [{"instruction_id": "language:response_language", "kwargs": {"language": r["language"]}}]) == [True]
+
+
+@pytest.mark.slow
+def test_floor_answers_reach_the_floor_in_the_budget_and_say_whether_the_backbone_ended():
+    from softthought.backbone import load_backbone
+    from train_aux import data
+
+    prompts = ["Tell me about the ocean.", "Is the sun a star?", "What is 2 + 2?", "Is water wet?", "Do penguins fly?"]
+    rows = data.floor_answers(prompts, None, max_tokens=96, batch=5, min_words=15)
+    tok = load_backbone(None, dtype="bfloat16").tokenizer
+    assert {r["ended"] for r in rows} == {True, False}  # the embedded backbone ends some answers and runs on in others
+    assert "What is 2 + 2?" not in {r["prompt"] for r in rows} and all(len(r["answer"].split()) >= 15 for r in rows)
+    for r in rows:  # an answer that did not end filled the budget; one that ended was cut back to whole sentences
+        n = len(tok(r["answer"], add_special_tokens=False)["input_ids"])
+        assert (n < 96 and r["answer"] == data.whole_sentences(r["answer"])) if r["ended"] else n >= 90
+
