@@ -4,6 +4,7 @@ several processes on one machine)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +16,24 @@ class SQLiteStore(PreferenceStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(self.path) as db:
-            db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self._migrate()
+
+    def _use_wal(self, wait_s: float = 10.0) -> None:
+        # Replicas opening a fresh file together race to switch it to WAL, and SQLite answers that switch with
+        # "database is locked" at once rather than through its busy handler: retry until the deadline.
+        deadline = time.monotonic() + wait_s
+        while True:
+            db = sqlite3.connect(self.path, timeout=wait_s)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+            finally:
+                db.close()
+            time.sleep(0.01)
 
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[Run]:
