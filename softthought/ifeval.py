@@ -63,5 +63,11 @@ def check(response: str, instruction_id: str, kwargs: dict | None = None) -> boo
     return bool(response.strip()) and bool(checker.check_following(response))
 
 
+def count_words(text: str) -> int:
+    """Words as IFEval's length checks count them."""
+    _instructions()
+    return sys.modules["lm_eval.tasks.ifeval.instructions_util"].count_words(text)
+
+
 def check_all(response: str, checks: list[dict]) -> list[bool]:
     return [check(response, c["instruction_id"], c.get("kwargs")) for c in checks]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from softthought.ifeval import check, check_all
+from softthought.ifeval import check, check_all, count_words
 
 from .checks import is_loop
 from .paths import shared_data
@@ -318,7 +318,7 @@ def floor_answers(prompts: list[str], backbone: str | None, max_tokens: int, bat
     rows = []
     for p, r in greedy_replies(prompts, backbone, max_tokens, batch, "floor answers"):
         answer = r.text.strip() if r.finish_reason == "length" else whole_sentences(r.text)
-        if len(answer.split()) >= min_words:
+        if count_words(answer) >= min_words:
             rows.append({"prompt": p, "answer": answer, "ended": r.finish_reason == "stop"})
     return rows
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from softthought.aux_model import CopySource, SoftThoughtAux
 from softthought.backbone import Backbone, load_backbone, weights_fingerprint
 from softthought.generation import Engine, GenerationResult, SamplingParams, guided_logits
+from softthought.ifeval import count_words
 from softthought.splice import OPENING, Placement, Prompt, build_chat_prompt, embed_prompt, hiding_mask, left_pad, text_prompt
 
 from .checks import is_loop
@@ -52,7 +53,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
-from .users import case_twin, make_users, word_floor
+from .users import caps_length, case_twin, make_users, word_floor
 
 
 class TrainConfig(BaseModel):
@@ -310,7 +311,7 @@ class Examples:
             if not is_loop(row["answer"]):
                 self.by_language.setdefault(row["language"], []).append(row)
         # a floor no answer reaches (IFEval's sentences ask for up to 800 words) leaves its user out
-        longest = max((len(a["answer"].split()) for a in self.floor_answers), default=0)
+        longest = max((count_words(a["answer"]) for a in self.floor_answers), default=0)
         self.users = [u for u in users if ((lang := _language(u["checks"])) is None or lang in self.by_language)
                       and (word_floor(u["checks"]) or 0) <= longest]
         self.language_share = language_share
@@ -337,11 +338,11 @@ class Examples:
             lang, floor = _language(user["checks"]), word_floor(user["checks"])
             row = self.rng.choice(self.by_language[lang] if lang else self.floor_answers if floor else self.answers)
             # an answer the token budget cut off ends no turn, unless the user's limit cuts it shorter still
-            ended = row.get("ended", True) or _limit(user["checks"])
+            ended = row.get("ended", True) or caps_length(user["checks"])
             if not ended and any(c["instruction_id"] in AT_THE_END for c in user["checks"]):
                 continue  # what the edit writes after an answer cut off by the token budget would fall past it
             target = edit_answer(row["answer"], row["prompt"], user["checks"], self.rng, self.keywords_first)
-            if target is not None and not is_loop(target) and (floor is None or len(target.split()) >= floor):
+            if target is not None and not is_loop(target) and (floor is None or count_words(target) >= floor):
                 # an answer in another language is weighed against itself less its opening (what the preference
                 # adds): were all of it counted as edited (against the plain answer), these few users' whole replies
                 # outweighed every other preference's edits
@@ -389,12 +390,6 @@ def copy_terms(picks: torch.Tensor, gate_logits: torch.Tensor, targets: list[lis
 
 def _language(checks: list[dict]) -> str | None:
     return next((c["kwargs"]["language"] for c in checks if c["instruction_id"] == "language:response_language"), None)
-
-
-def _limit(checks: list[dict]) -> bool:
-    """Whether the user caps the reply's length (the edit then cuts the answer and the reply ends there)."""
-    return any(c["instruction_id"] in ("length_constraints:number_sentences", "length_constraints:number_words")
-               and c["kwargs"]["relation"] == "less than" for c in checks)
 
 
 #: Checks whose edits write at the end of the reply (or around all of it).

@@ -283,8 +283,13 @@ def make_users(n: int, seed: int, prefix: str, held_out_phrasing: bool, kinds: t
 
 def word_floor(checks: list[dict]) -> int | None:
     """The fewest words a user asks for, if they ask for at least so many."""
-    return next((c["kwargs"]["num_words"] for c in checks if c["instruction_id"] == KINDS["long"].instruction_id
-                 and c["kwargs"]["relation"] == "at least"), None)
+    return next((c["kwargs"]["num_words"] for c in checks if kind_of(c) == "long"), None)
+
+
+def caps_length(checks: list[dict]) -> bool:
+    """Whether the user caps the reply's length, in words or sentences (an edit then cuts the answer, and the reply
+    ends there)."""
+    return any(kind_of(c) in ("short", "sentences") for c in checks)
 
 
 def kind_of(check: dict) -> str | None:
