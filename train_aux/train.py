@@ -52,7 +52,7 @@ from .data import (
     whole_sentences,
     winogrande_choices,
 )
-from .users import case_twin, make_users
+from .users import case_twin, floor_twin, make_users
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +72,8 @@ class TrainConfig(BaseModel):
     # Where the edit brings in a keyword the answer lacks: a sentence after the answer, or one that opens the reply,
     # where a copied word is the next thing written.
     keywords_first: bool = False
+    # Each training user who caps their replies' words beside a twin asking for at least as many (`users.floor_twin`).
+    floor_twins: bool = False
     # The share of examples drawn from users whose response language or case has an offset (`reply_forms`); None: as
     # often as the users hold one (about 9 % of the broad data's languages), too rarely to move a reply's first token.
     language_share: float | None = Field(None, gt=0, lt=1)
@@ -804,6 +806,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data_dir)
     users, answers = read_jsonl(data / "train_users.jsonl"), read_jsonl(data / "answers.jsonl")
+    if cfg.floor_twins:
+        users += [twin for u in users if (twin := floor_twin(u)) is not None]
     backbone = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)
     fingerprint = _same_everywhere(shard, backbone.fingerprint, "before")
     last = Path(resume_from) if resume_from else out / "last"

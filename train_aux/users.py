@@ -242,6 +242,26 @@ def case_twin(user: dict) -> dict | None:
     return {**user, "user": f"{user['user']}-twin", "summary": summary, "checks": checks}
 
 
+
+def floor_twin(user: dict) -> dict | None:
+    """`user` asking for at least the words they capped their replies at: the limit's phrasing swapped for the floor
+    phrasing of the same style and place in `phrasings` (None for a user without a word limit, or whose limit reads
+    as no training phrasing does: a typo, an IFEval sentence). "Less than 40 words" and "at least 40 words" differ by
+    two words in alike summaries; trained side by side, the thoughts have to read them."""
+    limit = next((c for c in user["checks"] if kind_of(c) == "short"), None)
+    if limit is None:
+        return None
+    n = limit["kwargs"]["num_words"]
+    for style, variants in phrasings("short").items():
+        for i, template in enumerate(variants[:-1]):  # training users never have the held-out (last) variant
+            if (text := template.format(x=n)) in user["summary"]:
+                floor = phrasings("long")[style][i].format(x=n)
+                checks = [{"instruction_id": c["instruction_id"], "kwargs": {"relation": "at least", "num_words": n}}
+                          if c is limit else c for c in user["checks"]]
+                return {**user, "user": f"{user['user']}-floor", "summary": user["summary"].replace(text, floor),
+                        "checks": checks, "kinds": ["long" if k == "short" else k for k in user["kinds"]]}
+    return None
+
 @functools.cache
 def _held_out_cases() -> tuple[str, ...]:
     return tuple(variants[-1] for kind in ("capital", "lowercase") for variants in phrasings(kind).values())

@@ -19,6 +19,7 @@ from train_aux.users import (
     ZERO_SHOT,
     case_twin,
     compatible,
+    floor_twin,
     kind_of,
     make_users,
     phrasings,
@@ -88,6 +89,24 @@ def test_a_case_twin_asks_for_the_other_case_and_is_never_a_held_out_phrasing():
     twins = [t for u in make_users(600, 0, "train", held_out_phrasing=False) if (t := case_twin(u))]
     assert len(twins) > 60 and not any(h in t["summary"] for t in twins for h in held_out)
 
+
+
+def test_a_floor_twin_asks_for_at_least_the_words_its_user_capped_in_the_same_style():
+    limit = {"instruction_id": "length_constraints:number_words", "kwargs": {"relation": "less than", "num_words": 30}}
+    comma = {"instruction_id": "punctuation:no_comma", "kwargs": {}}
+    user = {"user": "u", "summary": "I have two cats. Keep your answers under 30 words, please. No commas.",
+            "checks": [comma, limit], "kinds": ["no_comma", "short"]}
+    twin = floor_twin(user)
+    assert twin["summary"] == "I have two cats. " + phrasings("long")["first"][0].format(x=30) + " No commas."
+    assert twin["checks"] == [comma, {**limit, "kwargs": {"relation": "at least", "num_words": 30}}]
+    assert twin["kinds"] == ["no_comma", "long"] and twin["user"] == "u-floor" and user["checks"][1] == limit
+    assert floor_twin({**user, "summary": "Keep your answers undr 30 words."}) is None  # a typo: no phrasing to swap
+    assert floor_twin({**user, "checks": [comma], "kinds": ["no_comma"]}) is None
+    users = make_users(600, 0, "train", held_out_phrasing=False)
+    twins = [t for u in users if (t := floor_twin(u))]
+    held_out = [v[-1].format(x=n) for v in phrasings("long").values() for n in (20, 30, 40)]
+    assert len(twins) > 0.7 * sum("short" in u["kinds"] for u in users)
+    assert not any(h in t["summary"] for t in twins for h in held_out) and all(compatible(t["kinds"]) for t in twins)
 
 def test_language_mentions_name_a_language_and_ask_only_for_english_or_the_users_own():
     table = phrasings("language_mentions")
