@@ -84,6 +84,8 @@ class TrainConfig(BaseModel):
     # Grow an offset and the head's class for each whole-reply case (`CASES`), as for a language; the head then also
     # reads each case user's twin asking for the other case (`users.case_twin`).
     add_cases: bool = False
+    # Grow an offset and the head's class for a word floor (`FLOOR`), the head reading each floor twin beside its user.
+    add_floor: bool = False
     # Weight of the language head's cross-entropy over `language_batch` training users' summaries each step.
     language_weight: float = 1.0
     language_batch: int = Field(32, ge=1)
@@ -407,10 +409,16 @@ AT_THE_END = ("startend:end_checker", "detectable_content:postscript", "detectab
 CASES = {"change_case:english_capital": "capital", "change_case:english_lowercase": "lowercase"}
 
 
+#: A word floor as an offset's code: the thoughts could not tell "at least 40 words" from "less than 40 words", which
+#: the head, reading the summary through the backbone, may.
+FLOOR = "floor"
+
+
 def reply_forms(checks: list[dict]) -> list[str]:
-    """The codes an offset may stand for in `checks`: the response language, then the case."""
-    return ([lang] if (lang := _language(checks)) else []) + [CASES[c["instruction_id"]] for c in checks
-                                                              if c["instruction_id"] in CASES]
+    """The codes an offset may stand for in `checks`: the response language, then the case, then a word floor."""
+    return (([lang] if (lang := _language(checks)) else []) + [CASES[c["instruction_id"]] for c in checks
+                                                               if c["instruction_id"] in CASES]
+            + ([FLOOR] if _floor(checks) else []))
 
 
 def edited_chars(source: str, target: str) -> list[bool]:
@@ -835,6 +843,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
         aux.new_language_head(*head)
     if cfg.add_cases and (cases := [c for c in CASES.values() if c not in aux.config.languages]):
         aux.add_languages(cases)
+    if cfg.add_floor and FLOOR not in aux.config.languages:
+        aux.add_languages([FLOOR])
     if cfg.trains != "all":
         if not aux.config.languages:
             raise ValueError(f"trains: {cfg.trains} needs a checkpoint with languages (add_languages)")
@@ -859,6 +869,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "cpu", micro_bat
                              mentions=True))
     if set(CASES.values()) & set(aux.config.languages):  # each case user beside its twin asking for the other case
         speakers += [twin for u in speakers if (twin := case_twin(u)) is not None]
+    if FLOOR in aux.config.languages:  # each limit user beside its twin asking for a floor
+        known = {u["user"] for u in speakers}
+        speakers += [twin for u in speakers if (twin := floor_twin(u)) is not None and twin["user"] not in known]
     texts = []
     if cfg.preserve_weight > 0:  # each text's last preserve_tokens tokens: a long passage keeps its question and answer
         raw = [*(boolq_texts() if "boolq" in cfg.preserve_texts else []), *(qa_texts(answers) if "qa" in cfg.preserve_texts else []),

@@ -453,6 +453,20 @@ def test_a_case_is_a_reply_form_beside_the_language(tiny):
         Examples(users, answers, 0, french_answers, language_share=0.5, forms=["it"])
 
 
+
+def test_a_word_floor_is_a_reply_form_after_the_language_and_the_case(tiny):
+    from train_aux.train import FLOOR, language_targets, reply_forms
+
+    def words(relation):
+        return {"instruction_id": "length_constraints:number_words", "kwargs": {"relation": relation, "num_words": 40}}
+
+    capital = {"instruction_id": "change_case:english_capital", "kwargs": {}}
+    assert reply_forms([words("at least")]) == [FLOOR] and reply_forms([words("less than")]) == []
+    assert reply_forms([words("at least"), capital]) == ["capital", FLOOR]
+    aux = SoftThoughtAux.for_backbone(tiny, num_thoughts=2)
+    aux.add_languages(["capital", FLOOR])
+    assert language_targets(aux, [[words("at least")], [capital, words("at least")], [words("less than")]]).tolist() == [2, 1, 0]
+
 def test_a_languages_phase_trains_only_their_offsets_and_head(tmp_path, data_dir, tiny_dir, tiny):
     from train_aux.data import write_jsonl
 
